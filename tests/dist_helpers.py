@@ -1,0 +1,40 @@
+"""Run a function on N gloo ranks in fresh processes (how distributed correctness is tested here)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    from trainer.distributed import init_distributed, shutdown
+
+    init_distributed("gloo")
+    try:
+        fn(rank, world, *args)
+    finally:
+        shutdown()
+
+
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> None:
+    """Call fn(rank, world, *args) on `world` spawned gloo ranks; fails if any rank raises.
+
+    `fn` must be importable (module level) and report results through files in a tmp dir.
+    """
+    mp.start_processes(_entry, args=(fn, world, free_port(), args), nprocs=world, start_method="spawn", join=True)

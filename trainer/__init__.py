@@ -1,0 +1,1 @@
+"""tic-trainer: continual CLIP training of open_clip models with DeepSpeed."""

@@ -1,0 +1,62 @@
+"""Command line of launch/train.py: arguments -> Config -> ContinualRun, user errors -> exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+from trainer.config import ConfigError, load_config
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions a user causes (bad config, data, model, checkpoint): one line and exit 2."""
+    from trainer.checkpoint import CheckpointError
+    from trainer.data.shards import DataError
+    from trainer.model import ModelError
+
+    return ConfigError, DataError, ModelError, CheckpointError
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="launch/train.py",
+        description="Train an open_clip model over a plan of years with DeepSpeed.",
+        epilog="Overrides are dotted settings, e.g. optim.lr=1e-3 deepspeed.zero_stage=3",
+    )
+    p.add_argument("--config", help="YAML config file (configs/*.yaml)")
+    p.add_argument("--resume", default="", help="'auto' (newest complete checkpoint) or a checkpoint tag")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="dotted overrides key.sub=value")
+    return p.parse_args(argv)
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def train_main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of launch/train.py; returns the process exit status."""
+    args = parse_args(argv)
+    errors = (ConfigError,)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        errors = user_errors()
+        from trainer.continual import ContinualRun, Preempted
+        from trainer.distributed import init_distributed, shutdown
+        from trainer.logging import setup_console
+
+        dist = init_distributed(cfg.deepspeed.backend)
+        setup_console(dist.rank)
+        try:
+            ContinualRun(cfg, dist, resume=args.resume).run()
+        except Preempted as e:
+            print(f"train: {e}", file=sys.stderr)
+        finally:
+            shutdown()
+        return 0
+    except errors as e:
+        if _is_rank0():
+            print(f"train: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,386 @@
+"""The run's configuration: typed dataclasses, loaded from YAML plus dotted CLI overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; the message names the key and what is valid."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "ViT-B-32"
+    """open_clip model name (zoo) or path to a user JSON model config."""
+    attention: Literal["auto", "xformers", "sdpa", "torch"] = "auto"
+    """Attention kernel: auto = xformers on CUDA when importable, else SDPA; torch = open_clip as is."""
+    grad_checkpointing: bool = False
+    """Recompute transformer blocks in backward to save activation memory."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto = bf16 on CUDA, fp32 on CPU."""
+    force_quick_gelu: bool = False
+    """Use QuickGELU (OpenAI-trained weights and TiC-CLIP checkpoints use it)."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    root: str = ""
+    """Dataset root (<root>/train/<year>/*.tar) or a folder / brace pattern / fsspec URL of shards."""
+    workers: int = 2
+    """DataLoader worker processes per rank (0 = read in the training process)."""
+    lanes: int = 0
+    """Shards read side by side per year; fixes the global sample order (0 = world x workers)."""
+    prefetch_factor: int = 2
+    """Batches each worker keeps ready."""
+    max_bad_frac: float = 0.01
+    """Fail the run when more than this fraction of samples is corrupt."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    global_batch: int = 256
+    """Samples per optimizer step over all ranks (= micro_batch x world x accumulation)."""
+    micro_batch: int = 32
+    """Samples per rank per forward pass."""
+    accumulation: Literal["gradients", "features"] = "gradients"
+    """How steps beyond micro x world are reached: DeepSpeed gradient accumulation (negatives only
+    within micro x world) or open_clip's feature cache (negatives over the whole global batch)."""
+    samples: int = 0
+    """Samples to train on (per plan step); 0 = one pass over the data."""
+    seed: int = 0
+    """Seed for init, data order and augmentation."""
+    local_loss: bool = False
+    """open_clip's local loss: each rank scores its own rows against all columns."""
+    gather_with_grad: bool = True
+    """Gather features with gradients (exact full-batch gradients)."""
+    max_logit_scale: float = 100.0
+    """Cap on exp(logit_scale), applied in the loss so it holds under any ZeRO stage."""
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 5e-4
+    """Peak learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW betas."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    weight_decay: float = 0.2
+    """Decay for weights with ndim >= 2 (not norms, biases, logit_scale)."""
+    warmup_steps: int = 0
+    """Linear warmup, in optimizer steps."""
+    schedule: Literal["cosine", "const"] = "cosine"
+    """LR after warmup."""
+    min_lr: float = 0.0
+    """Floor of the cosine schedule."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this (0 = off)."""
+
+
+@dataclass(kw_only=True)
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    """ZeRO stage 0-3."""
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    """Where ZeRO keeps optimizer state."""
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    """Where ZeRO-3 keeps parameters."""
+    nvme_path: str = ""
+    """Folder for nvme offload."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend: auto = nccl on CUDA, gloo on CPU."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Raw DeepSpeed config entries merged over the generated ones (expert use)."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save a mid-year checkpoint every N optimizer steps (0 = only at year ends)."""
+    keep_last: int = 2
+    """Mid-year checkpoints to keep."""
+    resume: str = ""
+    """'' = fresh run, 'auto' = newest complete checkpoint of this run, or a checkpoint folder."""
+    min_free_gb: float = 1.0
+    """Refuse to save when the disk has less free space than this plus the last checkpoint's size."""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    run_dir: str = "runs"
+    """Folder that holds runs."""
+    name: str = ""
+    """Run name (folder under run_dir); '' = the config file's stem."""
+    every_steps: int = 10
+    """Log a metrics line every N optimizer steps."""
+    progress: bool = True
+    """Show a tqdm bar on rank 0."""
+    wandb: bool = False
+    """Log to Weights & Biases."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """offline needs no network; sync later with `wandb sync`."""
+    wandb_project: str = "tic-trainer"
+    """W&B project."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    enabled: bool = False
+    """Evaluate every yearly checkpoint on every year's eval split during training."""
+    samples: int = 0
+    """Eval samples per year (0 = all)."""
+    batch_size: int = 64
+    """Eval batch per rank."""
+
+
+@dataclass(kw_only=True)
+class PlanConfig:
+    strategy: Literal[
+        "sequential", "cumulative-all", "cumulative-exp", "cumulative-equal", "replay", "restart"
+    ] = "cumulative-all"
+    """Continual strategy (see DESIGN.md, 'Continual semantics')."""
+    years: list[str] = field(default_factory=list)
+    """Years of the plan, in order ([] = every year under data.root)."""
+    first_step_years: int = 1
+    """How many of the first years form the first step (TiC groups 2014-2016 = 3)."""
+    warmup_first: int = -1
+    """Warmup steps of the first step (-1 = optim.warmup_steps)."""
+    buffer_samples: int = 0
+    """Replay buffer size for buffer-limited strategies (0 = the new year's size)."""
+    buffer_split: Literal["exp", "equal"] = "exp"
+    """How `replay` divides its buffer over old years."""
+    restart_budget: Literal["grow", "same"] = "grow"
+    """restart: budget x steps so far (grow) or the step budget (same)."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """Hash of the settings that change what a run computes (not where it logs)."""
+        d = self.to_dict()
+        for volatile in ("logging", "checkpoint", "eval"):
+            d.pop(volatile)
+        d["data"].pop("workers")
+        d["data"].pop("prefetch_factor")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one YAML value to the annotated type, naming `key` on failure."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+        return _build(tp, value, key)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # PyYAML reads 1e-3 (no dot) as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # years written as 2016 in YAML
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            valid = ", ".join(sorted(names))
+            raise ConfigError(f"{key}: unknown setting (valid here: {valid})")
+        kwargs[k] = _convert(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ['optim.lr=1e-3', 'plan.years=[2014,2015]'] into a nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides are written key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "extra":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config file (or defaults when None) and apply dotted overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: no such file {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    tree = _merge(tree, parse_overrides(list(overrides)))
+    cfg = _build(Config, tree, "")
+    if not cfg.logging.name and path is not None:
+        cfg.logging.name = Path(path).stem
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (e.g. a saved run's config.yaml)."""
+    return _build(Config, tree, "")
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Reject impossible settings; with `world_size`, also the batch arithmetic."""
+    t, d, o, ds = cfg.train, cfg.data, cfg.optim, cfg.deepspeed
+    positive = {
+        "train.global_batch": t.global_batch,
+        "train.micro_batch": t.micro_batch,
+        "eval.batch_size": cfg.eval.batch_size,
+        "data.prefetch_factor": d.prefetch_factor,
+        "plan.first_step_years": cfg.plan.first_step_years,
+        "logging.every_steps": cfg.logging.every_steps,
+    }
+    for key, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {v}")
+    non_negative = {
+        "train.samples": t.samples,
+        "data.workers": d.workers,
+        "data.lanes": d.lanes,
+        "optim.warmup_steps": o.warmup_steps,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "eval.samples": cfg.eval.samples,
+        "plan.buffer_samples": cfg.plan.buffer_samples,
+    }
+    for key, v in non_negative.items():
+        if v < 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {v}")
+    if not 0 <= ds.zero_stage <= 3:
+        raise ConfigError(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {ds.zero_stage}")
+    if ds.offload_param != "none" and ds.zero_stage != 3:
+        raise ConfigError("deepspeed.offload_param: parameter offload needs deepspeed.zero_stage=3")
+    if ds.offload_optimizer != "none" and ds.zero_stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer: optimizer offload needs deepspeed.zero_stage >= 1")
+    if "nvme" in (ds.offload_param, ds.offload_optimizer) and not ds.nvme_path:
+        raise ConfigError("deepspeed.nvme_path: nvme offload needs a folder")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr: must be positive, got {o.lr}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas: two numbers in [0, 1), got {o.betas}")
+    if o.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip: must be 0 (off) or positive, got {o.grad_clip}")
+    if not 0 <= d.max_bad_frac <= 1:
+        raise ConfigError(f"data.max_bad_frac: a fraction in [0, 1], got {d.max_bad_frac}")
+    if t.max_logit_scale <= 1:
+        raise ConfigError(f"train.max_logit_scale: must exceed 1, got {t.max_logit_scale}")
+    if not d.root:
+        raise ConfigError("data.root: no training data given (a dataset root, shard folder or URL)")
+    if world_size is not None:
+        per_step = t.micro_batch * world_size
+        if t.global_batch % per_step:
+            raise ConfigError(
+                f"train.global_batch: {t.global_batch} is not divisible by micro_batch x world size "
+                f"= {t.micro_batch} x {world_size}; use a multiple of {per_step}"
+            )
+
+
+def accumulation_steps(cfg: Config, world_size: int) -> int:
+    """Micro-batches per optimizer step: the one place the batch arithmetic is done."""
+    validate(cfg, world_size)
+    return cfg.train.global_batch // (cfg.train.micro_batch * world_size)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,213 @@
+"""The yearly loop: plan -> for each step: data, init, train, checkpoint, record."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as tdist
+
+from trainer import checkpoint as ckpt
+from trainer.config import Config, ConfigError, accumulation_steps, save_config
+from trainer.data.shards import find_years
+from trainer.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
+from trainer.engine import build_engine
+from trainer.logging import MetricsLog, progress
+from trainer.loop import StepState, optimizer_steps
+from trainer.loss import ContrastiveLoss
+from trainer.model import create_model
+from trainer.plan import Plan, YearStep, make_plan
+from trainer.weights import load_weights
+
+log = logging.getLogger("tic")
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint was saved and the run should exit 0."""
+
+
+class _StopFlag:
+    """Remembers SIGTERM (SLURM preemption) until the loop reaches a point it can save at."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def agreed(self) -> bool:
+        """True when any rank was signalled: ranks must stop at the same step or they hang."""
+        if not tdist.is_initialized() or tdist.get_world_size() == 1:
+            return self.raised
+        return all_reduce_sum([float(self.raised)])[0] > 0
+
+
+class ContinualRun:
+    """Everything one launch of `launch/train.py` does, step after step of the plan."""
+
+    def __init__(self, cfg: Config, dist: DistInfo, resume: str = "") -> None:
+        self.cfg = cfg
+        self.dist = dist
+        self.accum = accumulation_steps(cfg, dist.world_size)
+        self.run_dir = Path(cfg.logging.run_dir) / cfg.logging.name
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.shards = find_years(cfg.data.root, "train", cfg.plan.years or None)
+        sizes = {y: sum(s.size for s in shards) for y, shards in self.shards.items()}
+        self.plan: Plan = make_plan(cfg, sizes)
+        self.resume_tag = self._resume_tag(resume or cfg.checkpoint.resume)
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "plan.json").write_text(json.dumps(self.plan.to_dict(), indent=1))
+        barrier()
+        self.metrics = MetricsLog(self.run_dir, cfg, dist.is_main)
+        self.stop = _StopFlag()
+
+    def _resume_tag(self, resume: str) -> Optional[str]:
+        if not resume:
+            return None
+        tag = ckpt.find_latest(self.ckpt_dir) if resume == "auto" else resume
+        tag = broadcast_object(tag)
+        if tag is not None and not ckpt.is_complete(self.ckpt_dir / tag):
+            raise ConfigError(f"checkpoint.resume: {self.ckpt_dir / tag} is not a complete checkpoint")
+        return tag
+
+    def _saved_state(self, tag: str) -> dict[str, Any]:
+        state = json.loads((self.ckpt_dir / tag / "trainer_state.json").read_text())
+        if state.get("config_digest") != self.cfg.digest():
+            raise ConfigError(
+                f"checkpoint.resume: {tag} was written by a run with different settings "
+                "(compare its config.yaml); start a new run name instead"
+            )
+        return state
+
+    def run(self) -> None:
+        first, mid = 0, None
+        if self.resume_tag is not None:
+            saved = self._saved_state(self.resume_tag)
+            first = saved["plan_step"] + (1 if saved["year_complete"] else 0)
+            mid = None if saved["year_complete"] else self.resume_tag
+            log.info("resuming from %s (plan step %d)", self.resume_tag, first)
+        try:
+            for step in self.plan.steps[first:]:
+                self.train_step(step, resume_tag=mid)
+                mid = None
+        finally:
+            self.metrics.close()
+
+    def _model_for(self, step: YearStep) -> torch.nn.Module:
+        torch.manual_seed(self.cfg.train.seed + step.index)
+        model, _, _, _ = create_model(self.cfg.model, self.dist.device)
+        if step.init == "previous":
+            prev = self.plan.steps[step.index - 1]
+            model.load_state_dict(load_weights(self.ckpt_dir, f"year-{prev.tag}"))
+        model.output_dict = True
+        return model
+
+    def train_step(self, step: YearStep, resume_tag: Optional[str]) -> None:
+        cfg, dist = self.cfg, self.dist
+        model = self._model_for(step)
+        engine = build_engine(model, cfg, dist, self.accum, step.steps, step.warmup)
+        state = StepState(plan_step=step.index, global_step=self._steps_before(step))
+        sampler_state = None
+        if resume_tag is not None:
+            client = ckpt.load(engine, self.ckpt_dir, resume_tag)
+            state = StepState(**client["step_state"])
+            sampler_state = client["sampler"]
+        from trainer.data.loading import step_loader
+
+        loader, sampler = step_loader(cfg, dist, step, self.shards, sampler_state, state.opt_step * self.accum)
+        loss_fn = ContrastiveLoss(
+            dist.rank, dist.world_size, cfg.train.local_loss, cfg.train.gather_with_grad, cfg.train.max_logit_scale
+        )
+        contrastive = cfg.train.micro_batch * dist.world_size * (self.accum if cfg.train.accumulation == "features" else 1)
+        log.info(
+            "step %d (%s): %d optimizer steps of %d samples, years %s; contrastive batch %d (%s accumulation x%d)",
+            step.index, step.tag, step.steps, cfg.train.global_batch, step.quotas, contrastive,
+            cfg.train.accumulation, self.accum,
+        )
+        bar = progress(step.steps, state.opt_step, f"{step.tag}", dist.is_main and cfg.logging.progress)
+        workers = max(cfg.data.workers, 1)
+        t_last, samples_since = time.perf_counter(), 0
+        it = iter(loader)
+        records = optimizer_steps(engine, it, loss_fn, self.accum, cfg.train.accumulation, dist.device)
+        while state.opt_step < step.steps:
+            rec = next(records, None)
+            if rec is None:
+                raise RuntimeError(f"data ran out at optimizer step {state.opt_step} of {step.steps}")
+            state.opt_step += 1
+            state.global_step += 1
+            for b in rec["batches"]:
+                for reason, n in b.get("bad", {}).items():
+                    state.bad[reason] = state.bad.get(reason, 0) + n
+            samples_since += cfg.train.global_batch
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if state.opt_step % cfg.logging.every_steps == 0 or state.opt_step == step.steps:
+                now = time.perf_counter()
+                self.metrics.write(
+                    {
+                        "plan_step": step.index,
+                        "year": step.tag,
+                        "step": state.opt_step,
+                        "global_step": state.global_step,
+                        "loss": rec["loss"],
+                        "lr": float(engine.get_lr()[0]),
+                        "samples_per_s": samples_since / (now - t_last),
+                        "data_wait_s": rec["data_wait"],
+                        "compute_s": rec["compute"],
+                        "contrastive_batch": contrastive,
+                        "skipped": dict(state.bad),
+                        "year_counts": _year_counts(rec["batches"]),
+                    }
+                )
+                t_last, samples_since = now, 0
+            # Only where every worker stream has consumed the same count is the sampler's state
+            # a plain per-year cursor, so mid-year saves wait for such a step.
+            if (state.opt_step * self.accum) % workers == 0 and state.opt_step < step.steps:
+                stopping = self.stop.agreed()
+                every = cfg.checkpoint.every_steps
+                if stopping or (every and state.opt_step % every == 0):
+                    self._save(engine, f"step-{state.global_step}", state, sampler, year_complete=False)
+                if stopping:
+                    raise Preempted(f"stopped by SIGTERM after saving step-{state.global_step}")
+        if bar is not None:
+            bar.close()
+        self._save(engine, f"year-{step.tag}", state, sampler, year_complete=True)
+        if dist.is_main:
+            with open(self.run_dir / "years.jsonl", "a") as f:
+                f.write(json.dumps({"plan_step": step.index, "year": step.tag, "samples": step.samples,
+                                    "steps": step.steps, "loss": rec["loss"], "skipped": state.bad}) + "\n")
+        del engine, model
+
+    def _steps_before(self, step: YearStep) -> int:
+        return sum(s.steps for s in self.plan.steps[: step.index])
+
+    def _save(self, engine: Any, tag: str, state: StepState, sampler: Any, year_complete: bool) -> None:
+        client = {
+            "plan_step": state.plan_step,
+            "global_step": state.global_step,
+            "year_complete": year_complete,
+            "config_digest": self.cfg.digest(),
+            "step_state": asdict(state),
+            "sampler": sampler.state_dict(state.opt_step * self.accum),
+        }
+        ckpt.save(engine, self.ckpt_dir, tag, client, self.dist, self.cfg.checkpoint.min_free_gb,
+                  self.cfg.checkpoint.keep_last)
+        log.info("saved checkpoint %s", tag)
+
+
+def _year_counts(batches: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for b in batches:
+        for y in b["year"]:
+            counts[y] = counts.get(y, 0) + 1
+    return counts

@@ -1,0 +1,1 @@
+"""Data: shard discovery, the rehearsal sampler, decoding and batching."""

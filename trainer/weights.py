@@ -1,0 +1,36 @@
+"""Plain fp32 weights out of a DeepSpeed checkpoint, for warm starts and export."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import torch
+
+from trainer.checkpoint import CheckpointError, is_complete
+
+
+def load_weights(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 state dict of checkpoint `tag`, whatever the ZeRO stage that wrote it.
+
+    ZeRO checkpoints keep the fp32 master weights in per-rank optimizer shards; DeepSpeed's own
+    consolidation reads them on the CPU without an engine. A ZeRO-0 fp32 checkpoint holds the
+    module's state dict directly.
+    """
+    tag_dir = Path(ckpt_dir) / tag
+    if not is_complete(tag_dir):
+        raise CheckpointError(f"{tag_dir}: not a complete checkpoint")
+    if any(tag_dir.glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress lines
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    else:
+        files = sorted(tag_dir.glob("*model_states.pt"))
+        if not files:
+            raise CheckpointError(f"{tag_dir}: no DeepSpeed model states file")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    out = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    out["logit_scale"] = out["logit_scale"].reshape(())  # open_clip's shape; training uses [1]
+    return out
