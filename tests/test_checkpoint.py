@@ -1,0 +1,85 @@
+"""Checkpoints: COMPLETE marker + our own latest, pruning, interrupted saves, fp32 weights per stage."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.config import load_config
+from trainer.distributed import init_distributed
+from trainer.engine import build_engine
+from trainer.model import create_model, open_clip_state_dict
+from trainer.weights import load_weights
+
+
+@pytest.fixture(scope="module")
+def dist():
+    return init_distributed("gloo")
+
+
+def _engine(dist, tiny_model_json: Path, stage: int):
+    cfg = load_config(
+        None,
+        [f"model.name={tiny_model_json}", "data.root=/unused", "train.global_batch=2", "train.micro_batch=2",
+         f"deepspeed.zero_stage={stage}"],
+    )
+    torch.manual_seed(0)
+    model = create_model(cfg.model)[0]
+    model.output_dict = True
+    engine = build_engine(model, cfg, dist, accum_steps=1, total_steps=10, warmup=0)
+    image, text = torch.randn(2, 3, 32, 32), torch.randint(1, 300, (2, 16))
+    out = engine(image=image, text=text)
+    engine.backward((out["image_features"] * out["text_features"]).sum() * out["logit_scale"])
+    engine.step()
+    return engine
+
+
+@pytest.mark.timeout(240)
+def test_save_marks_complete_prunes_and_skips_interrupted(dist, tiny_model_json: Path, tmp_path: Path) -> None:
+    engine = _engine(dist, tiny_model_json, stage=1)
+    d = tmp_path / "checkpoints"
+    for n in (1, 2, 3):
+        ckpt.save(engine, d, f"step-{n}", {"global_step": n}, dist, min_free_gb=0, keep_last=2)
+    ckpt.save(engine, d, "year-2014", {"global_step": 4}, dist, min_free_gb=0, keep_last=2)
+    assert sorted(p.name for p in d.iterdir() if p.is_dir()) == ["step-2", "step-3", "year-2014"]
+    assert (d / "latest").read_text().strip() == "year-2014"
+    assert ckpt.find_latest(d) == "year-2014"
+    # A save killed half-way: files written, no COMPLETE marker, `latest` already moved.
+    shutil.copytree(d / "step-3", d / "step-9")
+    (d / "step-9" / ckpt.COMPLETE).unlink()
+    (d / "latest").write_text("step-9\n")
+    assert ckpt.find_latest(d) == "year-2014"
+    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
+        ckpt.load(engine, d, "step-9")
+    client = ckpt.load(engine, d, "step-3")
+    assert client["global_step"] == 3
+
+
+@pytest.mark.timeout(120)
+def test_full_disk_refuses_before_writing(dist, tiny_model_json: Path, tmp_path: Path) -> None:
+    engine = _engine(dist, tiny_model_json, stage=0)
+    d = tmp_path / "checkpoints"
+    with pytest.raises(ckpt.CheckpointError, match="GiB free"):
+        ckpt.save(engine, d, "step-1", {}, dist, min_free_gb=1e9, keep_last=2)
+    assert not (d / "step-1").exists() and not (d / "latest").exists()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_fp32_weights_in_open_clip_form(dist, tiny_model_json: Path, tmp_path: Path, stage: int) -> None:
+    engine = _engine(dist, tiny_model_json, stage=stage)
+    ckpt.save(engine, tmp_path, "year-2014", {}, dist, min_free_gb=0, keep_last=2)
+    weights = load_weights(tmp_path, "year-2014")
+    fresh = create_model(load_config(None, [f"model.name={tiny_model_json}", "data.root=/x"]).model)[0]
+    reference = open_clip_state_dict(fresh)
+    assert weights.keys() == reference.keys()
+    assert all(weights[k].shape == reference[k].shape for k in reference)
+    assert weights["logit_scale"].shape == torch.Size([])
+    fresh.load_state_dict(weights)
+    if stage != 3:
+        trained = {k: v.float() for k, v in engine.module.state_dict().items()}
+        assert all(torch.equal(trained[k], weights[k]) for k in weights)

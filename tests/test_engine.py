@@ -1,0 +1,122 @@
+"""DeepSpeed engine: config, weight-decay groups, LR schedule, 0-dim logit_scale on every stage."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.config import load_config
+from trainer.distributed import init_distributed
+from trainer.engine import build_engine, deepspeed_config, lr_factor, param_groups
+from trainer.loss import ContrastiveLoss
+from trainer.model import create_model
+
+
+@pytest.fixture(scope="module")
+def dist():
+    return init_distributed("gloo")
+
+
+def _cfg(tiny_model_json: Path, *overrides: str):
+    return load_config(
+        None,
+        [f"model.name={tiny_model_json}", "data.root=/unused", "train.global_batch=4", "train.micro_batch=4",
+         *overrides],
+    )
+
+
+def test_param_groups_follow_open_clip_train(tiny_model_json: Path) -> None:
+    cfg = _cfg(tiny_model_json)
+    model = create_model(cfg.model)[0]
+    decay, no_decay = param_groups(model, 0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    assert "logit_scale" in kept and "visual.class_embedding" in kept
+    assert "token_embedding.weight" in decayed and "positional_embedding" in decayed
+    assert not any(".ln_" in n or n.endswith(".bias") for n in decayed)
+    assert all(model.get_parameter(n).ndim >= 2 for n in decayed)
+    assert decayed | kept == set(names.values())
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    assert lr_factor(0, 100, 10, "cosine", 0.0) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10, "cosine", 0.0) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(50, 100, 10, "const", 0.0) == 1.0
+
+
+def test_deepspeed_config_from_ours(tiny_model_json: Path) -> None:
+    cfg = _cfg(
+        tiny_model_json, "train.global_batch=32", "train.micro_batch=4", "optim.grad_clip=1.0",
+        "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu", "deepspeed.offload_param=cpu",
+        "deepspeed.extra={zero_optimization: {overlap_comm: true}}",
+    )
+    ds = deepspeed_config(cfg, world_size=2, accum_steps=4, device=torch.device("cpu"))
+    assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 1.0
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["overlap_comm"] is True
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert "torch_adam" not in ds["optimizer"]["params"]  # offload needs DeepSpeed's CPU Adam
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    plain = deepspeed_config(_cfg(tiny_model_json), 1, 1, torch.device("cpu"))
+    assert plain["optimizer"]["params"]["torch_adam"] is True
+    assert plain["optimizer"]["params"]["betas"] == [0.9, 0.98]
+    cuda = deepspeed_config(_cfg(tiny_model_json), 1, 1, torch.device("cuda"))
+    assert cuda["bf16"]["enabled"] and "torch_adam" not in cuda["optimizer"]["params"]
+
+
+def _train(engine, steps: int, loss_fn: ContrastiveLoss, push_scale: bool = False) -> list[float]:
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(4, 3, 32, 32, generator=g)
+    text = torch.randint(1, 400, (4, 16), generator=g)
+    scales = []
+    for _ in range(steps):
+        out = engine(image=image, text=text)
+        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        if push_scale:  # an uncapped term that always raises the raw parameter
+            loss = loss - out["logit_scale"].sum()
+        engine.backward(loss)
+        engine.step()
+        assert math.isfinite(loss.item())
+        scales.append(loss_fn.scale(out["logit_scale"]).item())
+    return scales
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_dim_logit_scale_trains_on_every_stage_with_clipping(dist, tiny_model_json: Path, stage: int) -> None:
+    """DeepSpeed trips on open_clip's 0-dim logit_scale (init broadcast, ZeRO-0 clipping)."""
+    cfg = _cfg(tiny_model_json, f"deepspeed.zero_stage={stage}", "optim.grad_clip=1.0")
+    torch.manual_seed(0)
+    model = create_model(cfg.model)[0]
+    model.output_dict = True
+    engine = build_engine(model, cfg, dist, accum_steps=1, total_steps=3, warmup=0)
+    _train(engine, 3, ContrastiveLoss(0, 1))
+    assert engine.module.state_dict()["logit_scale"].shape == torch.Size([]) or stage == 3
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_logit_scale_cap_holds_under_zero(dist, tiny_model_json: Path, stage: int) -> None:
+    """The raw parameter is driven past log(100); the loss never sees a scale above 100."""
+    cfg = _cfg(tiny_model_json, f"deepspeed.zero_stage={stage}", "optim.lr=0.02", "optim.weight_decay=0")
+    torch.manual_seed(0)
+    model = create_model(cfg.model)[0]
+    model.output_dict = True
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0) - 0.05)
+    engine = build_engine(model, cfg, dist, accum_steps=1, total_steps=6, warmup=0)
+    loss_fn = ContrastiveLoss(0, 1, max_logit_scale=100.0)
+    scales = _train(engine, 6, loss_fn, push_scale=True)
+    assert max(scales) <= 100.0 + 1e-4
+    assert scales[-1] == pytest.approx(100.0, abs=1e-3)
+    out = engine(image=torch.randn(4, 3, 32, 32), text=torch.randint(1, 400, (4, 16)))
+    assert out["logit_scale"].item() > 100.5  # the parameter itself did move past the cap
