@@ -125,6 +125,8 @@ class LoggingConfig:
     """Log a metrics line every N optimizer steps."""
     progress: bool = True
     """Show a tqdm bar on rank 0."""
+    record_keys: bool = False
+    """Write every rank's sample keys per optimizer step to keys/rank-<r>.jsonl (a data audit)."""
     wandb: bool = False
     """Log to Weights & Biases."""
     wandb_mode: Literal["offline", "online"] = "offline"

@@ -15,6 +15,8 @@ import torch.distributed as tdist
 
 from trainer import checkpoint as ckpt
 from trainer.config import Config, ConfigError, accumulation_steps, save_config
+from trainer.data.loading import step_loader
+from trainer.data.pipeline import StreamDataset
 from trainer.data.shards import find_years
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
 from trainer.engine import build_engine
@@ -59,7 +61,7 @@ class ContinualRun:
         self.run_dir = Path(cfg.logging.run_dir) / cfg.logging.name
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.shards = find_years(cfg.data.root, "train", cfg.plan.years or None)
-        sizes = {y: sum(s.size for s in shards) for y, shards in self.shards.items()}
+        sizes = {y: shards.samples for y, shards in self.shards.items()}
         self.plan: Plan = make_plan(cfg, sizes)
         self.resume_tag = self._resume_tag(resume or cfg.checkpoint.resume)
         if dist.is_main:
@@ -102,18 +104,27 @@ class ContinualRun:
         finally:
             self.metrics.close()
 
-    def _model_for(self, step: YearStep) -> torch.nn.Module:
+    def _model_for(self, step: YearStep) -> tuple[torch.nn.Module, Any, Any]:
+        """The step's model (scratch, or the previous year's weights) with its transform and tokenizer."""
         torch.manual_seed(self.cfg.train.seed + step.index)
-        model, _, _, _ = create_model(self.cfg.model, self.dist.device)
+        model, preprocess, _, tokenizer = create_model(self.cfg.model, self.dist.device)
         if step.init == "previous":
-            prev = self.plan.steps[step.index - 1]
-            model.load_state_dict(load_weights(self.ckpt_dir, f"year-{prev.tag}"))
+            model.load_state_dict(load_weights(self.ckpt_dir, self._year_tag(step.index - 1)))
         model.output_dict = True
-        return model
+        return model, preprocess, tokenizer
+
+    def _year_tag(self, index: int) -> str:
+        return f"year-{self.plan.steps[index].tag}"
+
+    def _cursors_after(self, index: int) -> Optional[dict[str, int]]:
+        """Per-year read positions where step `index` ended, so the next step reads on from there."""
+        if index < 0:
+            return None
+        return self._saved_state(self._year_tag(index))["cursors"]
 
     def train_step(self, step: YearStep, resume_tag: Optional[str]) -> None:
         cfg, dist = self.cfg, self.dist
-        model = self._model_for(step)
+        model, preprocess, tokenizer = self._model_for(step)
         engine = build_engine(model, cfg, dist, self.accum, step.steps, step.warmup)
         state = StepState(plan_step=step.index, global_step=self._steps_before(step))
         sampler_state = None
@@ -121,9 +132,10 @@ class ContinualRun:
             client = ckpt.load(engine, self.ckpt_dir, resume_tag)
             state = StepState(**client["step_state"])
             sampler_state = client["sampler"]
-        from trainer.data.loading import step_loader
-
-        loader, sampler = step_loader(cfg, dist, step, self.shards, sampler_state, state.opt_step * self.accum)
+        loader, dataset = step_loader(
+            cfg, dist, step, self.shards, preprocess, tokenizer,
+            start=self._cursors_after(step.index - 1), state=sampler_state,
+        )
         loss_fn = ContrastiveLoss(
             dist.rank, dist.world_size, cfg.train.local_loss, cfg.train.gather_with_grad, cfg.train.max_logit_scale
         )
@@ -137,6 +149,7 @@ class ContinualRun:
         workers = max(cfg.data.workers, 1)
         t_last, samples_since = time.perf_counter(), 0
         it = iter(loader)
+        keys = self._keys_file() if cfg.logging.record_keys else None
         records = optimizer_steps(engine, it, loss_fn, self.accum, cfg.train.accumulation, dist.device)
         while state.opt_step < step.steps:
             rec = next(records, None)
@@ -148,6 +161,8 @@ class ContinualRun:
                 for reason, n in b.get("bad", {}).items():
                     state.bad[reason] = state.bad.get(reason, 0) + n
             samples_since += cfg.train.global_batch
+            if keys is not None:
+                keys.write(json.dumps({"global_step": state.global_step, "keys": [k for b in rec["batches"] for k in b["key"]]}) + "\n")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}")
@@ -176,29 +191,38 @@ class ContinualRun:
                 stopping = self.stop.agreed()
                 every = cfg.checkpoint.every_steps
                 if stopping or (every and state.opt_step % every == 0):
-                    self._save(engine, f"step-{state.global_step}", state, sampler, year_complete=False)
+                    self._save(engine, f"step-{state.global_step}", state, dataset, year_complete=False)
                 if stopping:
                     raise Preempted(f"stopped by SIGTERM after saving step-{state.global_step}")
         if bar is not None:
             bar.close()
-        self._save(engine, f"year-{step.tag}", state, sampler, year_complete=True)
+        if keys is not None:
+            keys.close()
+        self._save(engine, f"year-{step.tag}", state, dataset, year_complete=True)
         if dist.is_main:
             with open(self.run_dir / "years.jsonl", "a") as f:
                 f.write(json.dumps({"plan_step": step.index, "year": step.tag, "samples": step.samples,
                                     "steps": step.steps, "loss": rec["loss"], "skipped": state.bad}) + "\n")
         del engine, model
 
+    def _keys_file(self) -> Any:
+        folder = self.run_dir / "keys"
+        folder.mkdir(exist_ok=True)
+        return open(folder / f"rank-{self.dist.rank}.jsonl", "a", buffering=1)
+
     def _steps_before(self, step: YearStep) -> int:
         return sum(s.steps for s in self.plan.steps[: step.index])
 
-    def _save(self, engine: Any, tag: str, state: StepState, sampler: Any, year_complete: bool) -> None:
+    def _save(self, engine: Any, tag: str, state: StepState, dataset: StreamDataset, year_complete: bool) -> None:
+        batches = state.opt_step * self.accum
         client = {
             "plan_step": state.plan_step,
             "global_step": state.global_step,
             "year_complete": year_complete,
             "config_digest": self.cfg.digest(),
             "step_state": asdict(state),
-            "sampler": sampler.state_dict(state.opt_step * self.accum),
+            "sampler": dataset.state_dict(batches),
+            "cursors": dataset.sampler.cursors(batches * self.cfg.train.micro_batch * self.dist.world_size),
         }
         ckpt.save(engine, self.ckpt_dir, tag, client, self.dist, self.cfg.checkpoint.min_free_gb,
                   self.cfg.checkpoint.keep_last)

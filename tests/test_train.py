@@ -1,0 +1,136 @@
+"""End to end through launch/train.py: 1 rank = 2 ranks under ZeRO-2 (deepspeed launcher) and
+ZeRO-3 (torchrun --nnodes 2 on localhost), same sample sets, and exact resume after step 5."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_year
+from tests.dist_helpers import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STEPS = 10
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def _settings(root: Path, runs: Path, model: Path, name: str, micro: int, stage: int) -> list[str]:
+    return [
+        "--config", str(REPO / "configs" / "demo.yaml"),
+        f"data.root={root}", f"model.name={model}", f"logging.run_dir={runs}", f"logging.name={name}",
+        "train.global_batch=8", f"train.micro_batch={micro}", f"train.samples={8 * STEPS}",
+        "data.workers=1", "data.lanes=2", "plan.years=[2014]", "optim.warmup_steps=2",
+        f"deepspeed.zero_stage={stage}", "checkpoint.every_steps=5", "logging.every_steps=1",
+        "logging.record_keys=true", "logging.progress=false",
+    ]
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    with open(log, "w") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, timeout=400)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["global_step"]: r["loss"] for r in lines if r["kind"] == "train"}
+
+
+def _keys(run: Path) -> dict[int, list[set[str]]]:
+    """Per optimizer step, the set of keys each rank trained on."""
+    out: dict[int, list[set[str]]] = {}
+    for f in sorted((run / "keys").glob("rank-*.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            out.setdefault(r["global_step"], []).append(set(r["keys"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_json: Path) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("train")
+    root, runs = base / "data", base / "runs"
+    write_year(root, "2014", n=96, per_shard=24)
+    train = str(REPO / "launch" / "train.py")
+    _run([sys.executable, train, *_settings(root, runs, tiny_model_json, "one", 8, 1)], base / "one.log")
+    _run(
+        [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), train,
+         *_settings(root, runs, tiny_model_json, "zero2", 4, 2)],
+        base / "zero2.log",
+    )
+    port = free_port()
+    nodes = [
+        subprocess.Popen(
+            [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
+             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "t",
+             train, *_settings(root, runs, tiny_model_json, "zero3", 4, 3)],
+            stdout=open(base / f"zero3-node{node}.log", "w"), stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
+        )
+        for node in (0, 1)
+    ]
+    for node, proc in enumerate(nodes):
+        assert proc.wait(timeout=400) == 0, (base / f"zero3-node{node}.log").read_text()[-3000:]
+    return {"one": runs / "one", "zero2": runs / "zero2", "zero3": runs / "zero3", "root": root, "base": base,
+            "model": tiny_model_json}
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_two_ranks_equal_one_rank(runs: dict[str, Path], name: str) -> None:
+    one, two = _losses(runs["one"]), _losses(runs[name])
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-4), (step, one, two)
+    keys_one, keys_two = _keys(runs["one"]), _keys(runs[name])
+    for step in range(1, STEPS + 1):
+        (single,) = keys_one[step]
+        rank0, rank1 = keys_two[step]
+        assert len(rank0) == len(rank1) == 4 and not rank0 & rank1
+        assert rank0 | rank1 == single
+    seen = [k for step in range(1, STEPS + 1) for k in keys_one[step][0]]
+    assert len(set(seen)) == len(seen) == 8 * STEPS  # 80 distinct samples of the 96
+
+
+@pytest.mark.timeout(900)
+def test_runs_leave_complete_checkpoints(runs: dict[str, Path]) -> None:
+    for name in ("one", "zero2", "zero3"):
+        ckpts = runs[name] / "checkpoints"
+        assert (ckpts / "latest").read_text().strip() == "year-2014"
+        assert (ckpts / "year-2014" / "COMPLETE").is_file() and (ckpts / "step-5" / "COMPLETE").is_file()
+        state = json.loads((ckpts / "step-5" / "trainer_state.json").read_text())
+        assert state["global_step"] == 5 and not state["year_complete"]
+        assert (runs[name] / "config.yaml").is_file() and (runs[name] / "plan.json").is_file()
+
+
+@pytest.mark.timeout(900)
+def test_stopped_after_step_5_and_resumed_gives_the_same_losses(runs: dict[str, Path]) -> None:
+    """A run that only got as far as step-5 (its later checkpoints never written) resumes exactly."""
+    resumed = runs["base"] / "runs" / "resumed"
+    shutil.copytree(runs["one"], resumed)
+    shutil.rmtree(resumed / "checkpoints" / "year-2014")
+    (resumed / "checkpoints" / "latest").write_text("year-2014\n")  # points at what no longer exists
+    (resumed / "metrics.jsonl").unlink()
+    shutil.rmtree(resumed / "keys")
+    _run(
+        [sys.executable, str(REPO / "launch" / "train.py"),
+         *_settings(runs["root"], resumed.parent, runs["model"], "resumed", 8, 1), "--resume", "auto"],
+        runs["base"] / "resumed.log",
+    )
+    original, again = _losses(runs["one"]), _losses(resumed)
+    assert sorted(again) == list(range(6, STEPS + 1))
+    for step in again:
+        assert again[step] == original[step], (step, original, again)
+    assert _keys(resumed)[6] == _keys(runs["one"])[6]

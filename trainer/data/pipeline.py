@@ -1,0 +1,279 @@
+"""Read each stream's draws from tar shards, decode, augment, tokenize and batch them.
+
+Rank r runs max(workers, 1) DataLoader workers; worker w reads stream s = r x max(workers, 1) + w
+and yields whole micro-batches of consecutive draws. The DataLoader takes batches from its
+workers in turn, so the rank's t-th batch is worker (t % W)'s (t // W)-th batch.
+
+A corrupt draw is counted by reason ("missing": shard unreadable or shorter than its sizes say;
+"no_image", "no_caption", "bad_image", "bad_caption") and replaced by the stream's most recent
+good sample of the same year (before there is one, the next one; if the year has none left, the
+latest good sample of any year), so every stream still yields exactly its share and no rank
+waits forever in a collective. `bad` in each batch counts these events and "substituted" since
+the worker's previous batch; summing over batches gives totals. More than max_bad_frac corrupt
+draws in a stream, judged over at least MIN_SAMPLES draws, raise DataError.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from itertools import islice
+from typing import IO, Any, NamedTuple
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from trainer.data.order import stable_hash
+from trainer.data.rehearsal import Ref, RehearsalSampler
+from trainer.data.shards import DataError, iter_samples, open_shard
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# The bad fraction is judged over at least this many samples, so one early bad sample in a
+# stream does not fail a run that allows 1%.
+MIN_SAMPLES = 100
+
+
+class Item(NamedTuple):
+    key: str
+    image: torch.Tensor
+    caption: str
+    cls: int
+    meta: dict[str, Any]
+
+
+class _OpenShard:
+    """One shard read forward once, handing out the members asked for in increasing order."""
+
+    def __init__(self, url: str, shard: int) -> None:
+        self.url, self.shard, self.next = url, shard, 0
+        self.file: IO[bytes] | None = None
+        try:
+            self.file = open_shard(url)
+            self.samples: Iterator[dict[str, Any]] | None = iter_samples(url, self.file)
+        except DataError as e:
+            log.warning("%s", e)
+            self.samples = None
+
+    def get(self, member: int) -> dict[str, Any] | None:
+        """Member `member` (skipping the ones before it undecoded), or None if it cannot be read."""
+        while self.samples is not None and self.next <= member:
+            try:
+                sample = next(self.samples)
+            except StopIteration:
+                log.warning("%s: ends after %d samples, more are listed", self.url, self.next)
+                self.close()
+                return None
+            except Exception as e:  # noqa: BLE001 - any tar damage ends this shard, not the run
+                log.warning("%s: unreadable after %d samples (%s)", self.url, self.next, e)
+                self.close()
+                return None
+            self.next += 1
+            if self.next > member:
+                return sample
+        return None
+
+    def close(self) -> None:
+        self.samples = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class _Reader:
+    """The open shards of one stream: one per (year, pass, lane), since each lane reads forward."""
+
+    def __init__(self, sampler: RehearsalSampler) -> None:
+        self.sampler = sampler
+        self.open: dict[tuple[str, int, int], _OpenShard] = {}
+
+    def get(self, ref: Ref) -> tuple[dict[str, Any] | None, str]:
+        key = (ref.year, ref.pass_index, ref.lane)
+        cur = self.open.get(key)
+        if cur is None or cur.shard != ref.shard or cur.next > ref.member:
+            if cur is not None:
+                cur.close()
+            for old in [k for k in self.open if k[0] == ref.year and k[1] < ref.pass_index]:
+                self.open.pop(old).close()
+            cur = self.open[key] = _OpenShard(self.sampler.url(ref), ref.shard)
+        return cur.get(ref.member), cur.url
+
+    def close(self) -> None:
+        for cur in self.open.values():
+            cur.close()
+        self.open.clear()
+
+
+def decode(sample: dict[str, Any], preprocess: Callable[[Image.Image], torch.Tensor], seed: int) -> Item | str:
+    """The preprocessed sample, or the reason it is unusable."""
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        return "no_image"
+    if "txt" not in sample:
+        return "no_caption"
+    key = sample["__key__"]
+    try:
+        caption = sample["txt"].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return "bad_caption"
+    try:
+        image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
+    except Exception:  # noqa: BLE001 - PIL raises many types for damaged files
+        return "bad_image"
+    # Augmentation randomness depends on (seed, key) only: not on the worker, nor the caller's RNG.
+    # Only the CPU generator is seeded: torch.manual_seed would also queue a CUDA reseed, with a
+    # formatted stack trace, on every sample.
+    aug_seed, state = stable_hash(seed, key), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(aug_seed)
+            random.seed(aug_seed)  # timm-style transforms draw from Python's RNG
+            tensor = preprocess(image)
+    finally:
+        random.setstate(state)
+    try:
+        cls = int(sample["cls"]) if "cls" in sample else -1
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except ValueError:
+        cls, meta = -1, {}
+    return Item(key, tensor, caption, cls, meta)
+
+
+class StreamDataset(IterableDataset):
+    """One rank's batches of a plan step; each DataLoader worker reads its own stream."""
+
+    def __init__(
+        self,
+        sampler: RehearsalSampler,
+        *,
+        rank: int,
+        world: int,
+        workers: int,
+        micro_batch: int,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        seed: int,
+        max_bad_frac: float = 0.01,
+    ) -> None:
+        per_rank = max(workers, 1)
+        if sampler.streams != world * per_rank:
+            raise ValueError(
+                f"sampler has {sampler.streams} streams, world {world} x workers {per_rank} need "
+                f"{world * per_rank}; build or load_state_dict it for this world and workers"
+            )
+        if sampler.samples_per_stream % micro_batch:
+            raise ValueError(
+                f"{sampler.samples_per_stream} samples per stream are not whole micro-batches of {micro_batch}"
+            )
+        self.sampler, self.rank, self.world, self.workers = sampler, rank, world, workers
+        self.micro_batch, self.preprocess, self.tokenizer = micro_batch, preprocess, tokenizer
+        self.seed, self.max_bad_frac = seed, max_bad_frac
+
+    def __len__(self) -> int:
+        return max(self.workers, 1) * self.sampler.samples_per_stream // self.micro_batch
+
+    def state_dict(self, batches: int) -> dict[str, Any]:
+        """Sampler state after `batches` micro-batches per rank of the step (optimizer steps x accumulation)."""
+        consumed = batches * self.micro_batch * self.world
+        since = (consumed - self.sampler.consumed) // (self.micro_batch * self.world)
+        if since % max(self.workers, 1):
+            raise ValueError(
+                f"{batches} batches: workers have not all delivered the same count "
+                f"({since} since the loader started, {max(self.workers, 1)} workers)"
+            )
+        return self.sampler.state_dict(consumed)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        if info is not None and info.num_workers != self.workers:
+            raise ValueError(f"dataset made for {self.workers} workers runs in {info.num_workers}")
+        stream = self.rank * max(self.workers, 1) + (info.id if info is not None else 0)
+        reader = _Reader(self.sampler)
+        try:
+            yield from self._batches(stream, reader)
+        finally:
+            reader.close()
+
+    def _items(self, stream: int, reader: _Reader, bad: Counter) -> Iterator[tuple[str, Item | None]]:
+        seen = failed = 0
+        for ref in self.sampler.stream(stream):
+            raw, url = reader.get(ref)
+            got = decode(raw, self.preprocess, self.seed) if raw is not None else "missing"
+            seen += 1
+            if isinstance(got, str):
+                bad[got] += 1
+                failed += 1
+                if failed > self.max_bad_frac * max(seen, MIN_SAMPLES):
+                    raise DataError(
+                        f"{url}: {failed} of {seen} samples of stream {stream} are corrupt "
+                        f"(last: {got}, member {ref.member}), more than data.max_bad_frac={self.max_bad_frac}"
+                    )
+                yield ref.year, None
+            else:
+                yield ref.year, got
+
+    def _batches(self, stream: int, reader: _Reader) -> Iterator[dict[str, Any]]:
+        bad: Counter = Counter()
+        slots: deque[list[Any]] = deque()  # [year, Item or None while waiting for a substitute]
+        last: dict[str, Item] = {}
+        latest: Item | None = None
+        waiting: dict[str, list[list[Any]]] = {}
+        for year, item in self._items(stream, reader, bad):
+            slot = [year, item]
+            if item is not None:
+                last[year] = latest = item
+                for w in waiting.pop(year, []):
+                    w[1] = item
+                    bad["substituted"] += 1
+            elif year in last:
+                slot[1] = last[year]
+                bad["substituted"] += 1
+            else:
+                waiting.setdefault(year, []).append(slot)
+            slots.append(slot)
+            while len(slots) >= self.micro_batch and all(s[1] is not None for s in islice(slots, self.micro_batch)):
+                yield self._collate([slots.popleft() for _ in range(self.micro_batch)], bad)
+        if waiting:
+            # A year with no good sample left in this stream borrows the latest good one of any year.
+            if latest is None:
+                raise DataError(f"stream {stream}: no readable sample at all (bad: {dict(bad)})")
+            for w in (w for ws in waiting.values() for w in ws):
+                w[1] = latest
+                bad["substituted"] += 1
+        while slots:
+            yield self._collate([slots.popleft() for _ in range(self.micro_batch)], bad)
+
+    def _collate(self, slots: list[list[Any]], bad: Counter) -> dict[str, Any]:
+        items: list[Item] = [s[1] for s in slots]
+        years = [s[0] for s in slots]
+        batch = {
+            "image": torch.stack([it.image for it in items]),
+            "text": self.tokenizer([it.caption for it in items]),
+            "key": [it.key for it in items],
+            "year": years,
+            "cls": torch.tensor([it.cls for it in items], dtype=torch.long),
+            "meta": [it.meta for it in items],
+            "year_counts": dict(Counter(years)),
+            "bad": dict(bad),
+        }
+        bad.clear()
+        return batch
+
+
+def build_loader(dataset: StreamDataset, prefetch_factor: int = 2) -> DataLoader:
+    """The rank's DataLoader: whole batches from the dataset's workers, pinned when CUDA is used."""
+    extra = {"prefetch_factor": prefetch_factor} if dataset.workers > 0 else {}
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=dataset.workers,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+        **extra,
+    )
