@@ -11,6 +11,7 @@ import torch
 from trainer.config import load_config
 from trainer.distributed import init_distributed
 from trainer.engine import build_engine, deepspeed_config, lr_factor, param_groups
+from trainer.loop import accumulate_features, accumulate_gradients
 from trainer.loss import ContrastiveLoss
 from trainer.model import create_model
 
@@ -120,3 +121,30 @@ def test_logit_scale_cap_holds_under_zero(dist, tiny_model_json: Path, stage: in
     assert scales[-1] == pytest.approx(100.0, abs=1e-3)
     out = engine(image=torch.randn(4, 3, 32, 32), text=torch.randint(1, 400, (4, 16)))
     assert out["logit_scale"].item() > 100.5  # the parameter itself did move past the cap
+
+
+def _accumulation_run(dist, tiny_model_json: Path, micro: int, mode: str) -> tuple[list[float], dict]:
+    cfg = _cfg(tiny_model_json, "train.global_batch=8", f"train.micro_batch={micro}", f"train.accumulation={mode}")
+    torch.manual_seed(0)
+    model = create_model(cfg.model)[0]
+    model.output_dict = True
+    accum = 8 // micro
+    engine = build_engine(model, cfg, dist, accum_steps=accum, total_steps=3, warmup=0)
+    g = torch.Generator().manual_seed(3)
+    image, text = torch.randn(8, 3, 32, 32, generator=g), torch.randint(1, 400, (8, 16), generator=g)
+    batches = [{"image": image[i:i + micro], "text": text[i:i + micro]} for i in range(0, 8, micro)]
+    step = accumulate_features if mode == "features" else accumulate_gradients
+    losses = [step(engine, batches, ContrastiveLoss(0, 1), torch.device("cpu")) for _ in range(3)]
+    return losses, {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+@pytest.mark.timeout(240)
+def test_feature_cache_accumulation_equals_the_full_batch(dist, tiny_model_json: Path) -> None:
+    """accum 2 x micro B with open_clip's feature cache = one micro-batch of 2B (contrastive batch 2B)."""
+    full_losses, full = _accumulation_run(dist, tiny_model_json, micro=8, mode="gradients")
+    cached_losses, cached = _accumulation_run(dist, tiny_model_json, micro=4, mode="features")
+    assert cached_losses == pytest.approx(full_losses, abs=1e-4)
+    assert all(torch.allclose(full[k], cached[k], atol=1e-4) for k in full)
+    # DeepSpeed's own accumulation averages two separate 4-sample contrastive problems instead.
+    separate_losses, _ = _accumulation_run(dist, tiny_model_json, micro=4, mode="gradients")
+    assert abs(separate_losses[0] - full_losses[0]) > 1e-2

@@ -25,6 +25,9 @@ def setup_console(rank: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    # open_clip warns on the root logger for every model built without pretrained weights, which
+    # is every model here: weights come from our checkpoints.
+    logging.getLogger().addFilter(lambda r: "No pretrained weights loaded" not in r.getMessage())
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING if rank == 0 else logging.ERROR)
 

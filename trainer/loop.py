@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -27,8 +27,7 @@ class StepState:
 def _features(engine: Any, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
     image = batch["image"].to(device, non_blocking=True)
     text = batch["text"].to(device, non_blocking=True)
-    out = engine(image=image, text=text)
-    return out
+    return engine(image=image, text=text)
 
 
 def accumulate_gradients(
@@ -95,11 +94,3 @@ def optimizer_steps(
             "compute": t2 - t1,
             "batches": micro,
         }
-
-
-def lr_of(engine: Any) -> float:
-    return float(engine.get_lr()[0])
-
-
-def logit_scale_of(out_scale: Optional[torch.Tensor]) -> Optional[float]:
-    return None if out_scale is None else float(out_scale)
