@@ -34,8 +34,12 @@ def step_loader(
         )
     # Every stream draws whole samples, so a year's quota is exact when it is a multiple of S.
     quotas = split_quotas(step.quotas, step.samples, multiple=streams)
+    pools = {y: shards[y].subset(step.pool[y], cfg.train.seed, y) if y in step.buffered else shards[y] for y in quotas}
+    if start is not None:
+        # A buffer is its own small order, read from its start; whole years read on.
+        start = {y: c for y, c in start.items() if y not in step.buffered}
     sampler = RehearsalSampler(
-        {y: shards[y] for y in quotas},
+        pools,
         quotas,
         seed=cfg.train.seed,
         world=dist.world_size,

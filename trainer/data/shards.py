@@ -64,6 +64,26 @@ class YearShards(Sequence[Shard]):
     def __repr__(self) -> str:
         return f"YearShards({self.prefix!r}, {len(self)} shards, {self.samples} samples)"
 
+    def subset(self, samples: int, seed: int, year: str) -> "YearShards":
+        """A fixed replay buffer of exactly `samples`: whole shards in a seeded order, the last cut short.
+
+        The shard order depends on (seed, year) only, so a smaller buffer of a later step is a
+        subset of an earlier one, as TiC-CLIP's shrinking buffers are. A shard cut short keeps its
+        first members: the reader addresses members below the size it is given.
+        """
+        if not 0 < samples <= self.samples:
+            raise ValueError(f"year {year}: a buffer of {samples} from {self.samples} samples")
+        order = np.random.default_rng([seed, int.from_bytes(year.encode(), "little") % 2**32]).permutation(len(self))
+        sizes = self.sizes[order]
+        keep = int(np.searchsorted(np.cumsum(sizes), samples)) + 1
+        chosen = sorted(order[:keep].tolist())
+        cut = {int(order[keep - 1]): int(samples - sizes[: keep - 1].sum())}
+        return YearShards(
+            self.prefix,
+            [self.names[i] for i in chosen],
+            np.array([cut.get(i, int(self.sizes[i])) for i in chosen], dtype=np.int64),
+        )
+
 
 def open_shard(url: str) -> IO[bytes]:
     """Open a shard for reading through fsspec (webdataset's gopen knows no fsspec URLs)."""
