@@ -38,3 +38,11 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> None:
     `fn` must be importable (module level) and report results through files in a tmp dir.
     """
     mp.start_processes(_entry, args=(fn, world, free_port(), args), nprocs=world, start_method="spawn", join=True)
+
+
+def clean_env() -> dict[str, str]:
+    """The environment for a launched subprocess, without the rank variables this process set."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.dist_helpers import clean_env
+
 from trainer.cli import train_main
 from trainer.config import Config, ConfigError, accumulation_steps, config_from_dict, load_config, validate
 
@@ -105,7 +107,7 @@ def test_missing_data_root_through_launch_script(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "demo.yaml"),
          f"data.root={tmp_path / 'nope'}", f"logging.run_dir={runs}"],
-        capture_output=True, text=True, cwd=REPO, timeout=110,
+        capture_output=True, text=True, cwd=REPO, timeout=110, env=clean_env(),
     )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("train: error:")]

@@ -4,7 +4,6 @@ ZeRO-3 (torchrun --nnodes 2 on localhost), same sample sets, and exact resume af
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,18 +12,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_year
-from tests.dist_helpers import free_port
+from tests.dist_helpers import clean_env, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STEPS = 10
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
 
 
 def _settings(root: Path, runs: Path, model: Path, name: str, micro: int, stage: int) -> list[str]:
@@ -40,7 +32,7 @@ def _settings(root: Path, runs: Path, model: Path, name: str, micro: int, stage:
 
 def _run(cmd: list[str], log: Path) -> None:
     with open(log, "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, timeout=400)
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=clean_env(), cwd=REPO, timeout=400)
     assert proc.returncode == 0, log.read_text()[-3000:]
 
 
@@ -77,7 +69,7 @@ def runs(tmp_path_factory, tiny_model_json: Path) -> dict[str, Path]:
             [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
              "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "t",
              train, *_settings(root, runs, tiny_model_json, "zero3", 4, 3)],
-            stdout=open(base / f"zero3-node{node}.log", "w"), stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
+            stdout=open(base / f"zero3-node{node}.log", "w"), stderr=subprocess.STDOUT, env=clean_env(), cwd=REPO,
         )
         for node in (0, 1)
     ]
