@@ -4,12 +4,17 @@ ZeRO-3 (torchrun --nnodes 2 on localhost), same sample sets, and exact resume af
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import write_year
 from tests.dist_helpers import clean_env, free_port
@@ -126,3 +131,46 @@ def test_stopped_after_step_5_and_resumed_gives_the_same_losses(runs: dict[str, 
     for step in again:
         assert again[step] == original[step], (step, original, again)
     assert _keys(resumed)[6] == _keys(runs["one"])[6]
+
+
+def _weights_equal(a: Path, b: Path) -> bool:
+    from trainer.weights import load_weights
+
+    wa, wb = load_weights(a / "checkpoints", "year-2014"), load_weights(b / "checkpoints", "year-2014")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (status {proc.returncode}) before step {step}")
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(l)["global_step"] >= step for l in metrics.read_text().splitlines()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+@pytest.mark.timeout(900)
+def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(runs: dict[str, Path]) -> None:
+    """2 ranks killed with SIGKILL (whole process group) mid-run, resumed: same losses, same weights."""
+    seed = int(os.environ.get("KILL_SEED", time.time_ns() % 10_000))
+    kill_at = random.Random(seed).randint(2, STEPS - 1)
+    print(f"KILL_SEED={seed}: SIGKILL after step {kill_at}")
+    train = str(REPO / "launch" / "train.py")
+    runs_dir = runs["base"] / "runs"
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), train,
+           *_settings(runs["root"], runs_dir, runs["model"], "killed", 4, 2), "checkpoint.every_steps=2",
+           "--resume", "auto"]
+    log = open(runs["base"] / "killed.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=clean_env(), cwd=REPO,
+                            start_new_session=True)
+    _wait_for_step(runs_dir / "killed", kill_at, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _run(cmd[:4] + [str(free_port())] + cmd[5:], runs["base"] / "killed-resumed.log")
+    records = [json.loads(l) for l in (runs_dir / "killed" / "metrics.jsonl").read_text().splitlines()]
+    last = {r["global_step"]: r["loss"] for r in records if r["kind"] == "train"}  # redone steps: last value
+    assert last == _losses(runs["zero2"]), f"KILL_SEED={seed}"
+    assert _weights_equal(runs_dir / "killed", runs["zero2"]), f"KILL_SEED={seed}"

@@ -27,6 +27,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     )
     p.add_argument("--config", help="YAML config file (configs/*.yaml)")
     p.add_argument("--resume", default="", help="'auto' (newest complete checkpoint) or a checkpoint tag")
+    p.add_argument("--start-from", default="",
+                   help="initial weights: an open_clip/TiC-CLIP .pt file or <run folder>:<year>")
+    p.add_argument("--years", default="", help="run only these plan steps: 2019..2022, 2019,2021")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides key.sub=value")
     return p.parse_args(argv)
@@ -50,7 +53,7 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         dist = init_distributed(cfg.deepspeed.backend)
         setup_console(dist.rank)
         try:
-            ContinualRun(cfg, dist, resume=args.resume).run()
+            ContinualRun(cfg, dist, resume=args.resume, start_from=args.start_from, years=args.years).run()
         except Preempted as e:
             print(f"train: {e}", file=sys.stderr)
         finally:

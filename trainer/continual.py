@@ -20,11 +20,13 @@ from trainer.data.pipeline import StreamDataset
 from trainer.data.shards import find_years
 from trainer.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
 from trainer.engine import build_engine
+from trainer.evaluate import Evaluator, log_record
 from trainer.logging import MetricsLog, progress
 from trainer.loop import StepState, optimizer_steps
 from trainer.loss import ContrastiveLoss
-from trainer.model import create_model
-from trainer.plan import Plan, YearStep, make_plan
+from trainer.model import check_supported, create_model, model_config
+from trainer.plan import Plan, YearStep, make_plan, select_steps
+from trainer.sources import check_supported_source, weights_from
 from trainer.weights import load_weights
 
 log = logging.getLogger("tic")
@@ -54,7 +56,9 @@ class _StopFlag:
 class ContinualRun:
     """Everything one launch of `launch/train.py` does, step after step of the plan."""
 
-    def __init__(self, cfg: Config, dist: DistInfo, resume: str = "") -> None:
+    def __init__(
+        self, cfg: Config, dist: DistInfo, resume: str = "", start_from: str = "", years: str = ""
+    ) -> None:
         self.cfg = cfg
         self.dist = dist
         self.accum = accumulation_steps(cfg, dist.world_size)
@@ -64,6 +68,15 @@ class ContinualRun:
         sizes = {y: shards.samples for y, shards in self.shards.items()}
         self.plan: Plan = make_plan(cfg, sizes)
         self.resume_tag = self._resume_tag(resume or cfg.checkpoint.resume)
+        self.selected = select_steps(self.plan, years)
+        self.start_from = start_from
+        if start_from:
+            check_supported_source(start_from)
+        check_supported(cfg.model.name, model_config(cfg.model.name))
+        # Built before anything is written: a missing eval split is a user error, not a late crash.
+        self.evaluator = Evaluator.from_config(cfg, dist, cfg.plan.years or None) if cfg.eval.enabled else None
+        # Checked before anything is written: a resume with other settings must not touch the run.
+        self.saved = self._saved_state(self.resume_tag) if self.resume_tag is not None else None
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -92,24 +105,36 @@ class ContinualRun:
 
     def run(self) -> None:
         first, mid = 0, None
-        if self.resume_tag is not None:
-            saved = self._saved_state(self.resume_tag)
+        if self.saved is not None:
+            saved = self.saved
             first = saved["plan_step"] + (1 if saved["year_complete"] else 0)
             mid = None if saved["year_complete"] else self.resume_tag
             log.info("resuming from %s (plan step %d)", self.resume_tag, first)
+        todo = [s for s in self.selected if s.index >= first]
         try:
-            for step in self.plan.steps[first:]:
-                self.train_step(step, resume_tag=mid)
+            for n, step in enumerate(todo):
+                # --start-from replaces the first step's initial weights, unless a checkpoint of
+                # this run (a resume) already carries them.
+                source = self.start_from if n == 0 and mid is None else ""
+                self.train_step(step, resume_tag=mid, start_from=source)
                 mid = None
         finally:
             self.metrics.close()
 
-    def _model_for(self, step: YearStep) -> tuple[torch.nn.Module, Any, Any]:
-        """The step's model (scratch, or the previous year's weights) with its transform and tokenizer."""
+    def _model_for(self, step: YearStep, start_from: str) -> tuple[torch.nn.Module, Any, Any]:
+        """The step's model (scratch, the previous year's or given weights), transform and tokenizer."""
         torch.manual_seed(self.cfg.train.seed + step.index)
         model, preprocess, _, tokenizer = create_model(self.cfg.model, self.dist.device)
-        if step.init == "previous":
-            model.load_state_dict(load_weights(self.ckpt_dir, self._year_tag(step.index - 1)))
+        if start_from:
+            model.load_state_dict(weights_from(start_from, model, self.cfg))
+        elif step.init == "previous":
+            tag = self._year_tag(step.index - 1)
+            if not ckpt.is_complete(self.ckpt_dir / tag):
+                raise ConfigError(
+                    f"--years: step {step.tag} warm-starts from {tag}, which {self.run_dir} does not have; "
+                    "train that year first or pass --start-from"
+                )
+            model.load_state_dict(load_weights(self.ckpt_dir, tag))
         model.output_dict = True
         return model, preprocess, tokenizer
 
@@ -118,13 +143,13 @@ class ContinualRun:
 
     def _cursors_after(self, index: int) -> Optional[dict[str, int]]:
         """Per-year read positions where step `index` ended, so the next step reads on from there."""
-        if index < 0:
+        if index < 0 or not ckpt.is_complete(self.ckpt_dir / self._year_tag(index)):
             return None
         return self._saved_state(self._year_tag(index))["cursors"]
 
-    def train_step(self, step: YearStep, resume_tag: Optional[str]) -> None:
+    def train_step(self, step: YearStep, resume_tag: Optional[str], start_from: str = "") -> None:
         cfg, dist = self.cfg, self.dist
-        model, preprocess, tokenizer = self._model_for(step)
+        model, preprocess, tokenizer = self._model_for(step, start_from)
         engine = build_engine(model, cfg, dist, self.accum, step.steps, step.warmup)
         state = StepState(plan_step=step.index, global_step=self._steps_before(step))
         sampler_state = None
@@ -198,12 +223,19 @@ class ContinualRun:
             bar.close()
         if keys is not None:
             keys.close()
-        self._save(engine, f"year-{step.tag}", state, dataset, year_complete=True)
+        tag = f"year-{step.tag}"
+        self._save(engine, tag, state, dataset, year_complete=True)
+        del engine, model
+        record = {"plan_step": step.index, "year": step.tag, "samples": step.samples, "steps": step.steps,
+                  "loss": rec["loss"], "skipped": state.bad}
+        if self.evaluator is not None:
+            results = self.evaluator.evaluate(load_weights(self.ckpt_dir, tag), name=tag)
+            record["eval"] = log_record(results, step.new_years)
+            self.metrics.write({"plan_step": step.index, "year": step.tag, "global_step": state.global_step,
+                                **record["eval"]}, kind="eval")
         if dist.is_main:
             with open(self.run_dir / "years.jsonl", "a") as f:
-                f.write(json.dumps({"plan_step": step.index, "year": step.tag, "samples": step.samples,
-                                    "steps": step.steps, "loss": rec["loss"], "skipped": state.bad}) + "\n")
-        del engine, model
+                f.write(json.dumps(record) + "\n")
 
     def _keys_file(self) -> Any:
         folder = self.run_dir / "keys"

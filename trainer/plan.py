@@ -138,3 +138,22 @@ def make_plan(cfg: Config, sizes: Mapping[str, int], years: list[str] | None = N
             )
         )
     return plan
+
+
+def select_steps(plan: Plan, years: str) -> list[YearStep]:
+    """The steps `--years` asks for: '2019..2022', '2019,2021' or '' (all), matched on step tags."""
+    if not years:
+        return list(plan.steps)
+    tags = [s.tag for s in plan.steps]
+    if ".." in years:
+        lo, _, hi = years.partition("..")
+        chosen = [s for s in plan.steps if (not lo or s.tag >= lo) and (not hi or s.tag <= hi)]
+    else:
+        wanted = {y.strip() for y in years.split(",")}
+        unknown = sorted(wanted - set(tags))
+        if unknown:
+            raise ConfigError(f"--years: {', '.join(unknown)} is not a step of the plan (steps: {', '.join(tags)})")
+        chosen = [s for s in plan.steps if s.tag in wanted]
+    if not chosen:
+        raise ConfigError(f"--years: {years} selects no step of the plan (steps: {', '.join(tags)})")
+    return chosen
