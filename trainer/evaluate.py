@@ -60,8 +60,9 @@ class EvalOptions:
 
     @classmethod
     def from_config(cls, cfg: EvalConfig, **overrides: Any) -> EvalOptions:
-        """Options from the run config's eval section (samples, batch_size), plus overrides."""
-        return cls(samples=cfg.samples, batch_size=cfg.batch_size, **overrides)
+        """Options from the run config's eval section, plus overrides."""
+        fields = {"tasks": tuple(cfg.tasks), "samples": cfg.samples, "batch_size": cfg.batch_size, "cache_mb": cfg.cache_mb}
+        return cls(**{**fields, **overrides})
 
     def validate(self) -> None:
         """Reject options that cannot work, naming the option."""
