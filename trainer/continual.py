@@ -225,6 +225,8 @@ class ContinualRun:
             keys.close()
         tag = f"year-{step.tag}"
         self._save(engine, tag, state, dataset, year_complete=True)
+        log.info("step %d (%s) done: loss %.4f, corrupt samples skipped %s", step.index, step.tag,
+                 rec["loss"], dict(state.bad) or "none")
         del engine, model
         record = {"plan_step": step.index, "year": step.tag, "samples": step.samples, "steps": step.steps,
                   "loss": rec["loss"], "skipped": state.bad}
