@@ -18,7 +18,7 @@ from trainer.config import Config, ConfigError, accumulation_steps, save_config
 from trainer.data.loading import step_loader
 from trainer.data.pipeline import StreamDataset
 from trainer.data.shards import find_years
-from trainer.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
+from trainer.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, sum_counts
 from trainer.engine import build_engine
 from trainer.evaluate import Evaluator, log_record
 from trainer.logging import MetricsLog, progress
@@ -205,7 +205,7 @@ class ContinualRun:
                         "data_wait_s": rec["data_wait"],
                         "compute_s": rec["compute"],
                         "contrastive_batch": contrastive,
-                        "skipped": dict(state.bad),
+                        "skipped_rank0": dict(state.bad),
                         "year_counts": _year_counts(rec["batches"]),
                     }
                 )
@@ -225,11 +225,12 @@ class ContinualRun:
             keys.close()
         tag = f"year-{step.tag}"
         self._save(engine, tag, state, dataset, year_complete=True)
-        log.info("step %d (%s) done: loss %.4f, corrupt samples skipped %s", step.index, step.tag,
-                 rec["loss"], dict(state.bad) or "none")
+        skipped = sum_counts(state.bad)
+        log.info("step %d (%s) done: loss %.4f, corrupt samples (all ranks) %s", step.index, step.tag,
+                 rec["loss"], skipped or "none")
         del engine, model
         record = {"plan_step": step.index, "year": step.tag, "samples": step.samples, "steps": step.steps,
-                  "loss": rec["loss"], "skipped": state.bad}
+                  "loss": rec["loss"], "skipped": skipped}
         if self.evaluator is not None:
             results = self.evaluator.evaluate(load_weights(self.ckpt_dir, tag), name=tag)
             record["eval"] = log_record(results, step.new_years)

@@ -84,6 +84,19 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def sum_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Add up per-rank counters whose keys may differ between ranks."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(counts)
+    parts: list[dict[str, int]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(parts, counts)
+    total: dict[str, int] = {}
+    for part in parts:
+        for k, v in part.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

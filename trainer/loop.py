@@ -21,7 +21,7 @@ class StepState:
     global_step: int = 0
     """Optimizer steps done in the whole run (never reused, names mid-year tags)."""
     bad: dict[str, int] = field(default_factory=dict)
-    """Corrupt samples skipped so far in this plan step, summed over ranks, by reason."""
+    """Corrupt samples this rank skipped so far in this plan step, by reason."""
 
 
 def _features(engine: Any, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
