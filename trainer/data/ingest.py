@@ -1,0 +1,167 @@
+"""Turning real inputs (manifest rows, existing webdataset shards) into validated, year- and split-tagged samples."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tarfile
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Iterator, Optional
+
+import fsspec
+
+from trainer.data.images import BadImage, ImageOptions, prepare_image
+from trainer.data.prep_config import PrepError
+from trainer.data.records import UnitItem, eval_draw, make_sample
+from trainer.data.sources import parse_when
+from trainer.data.uid_years import UidYearIndex
+
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+_MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key/extension split: key = up to the first dot
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where a sample goes: the year filter and the share of each year held out for eval."""
+
+    eval_frac: float
+    years: Optional[tuple[int, ...]]
+
+    def split(self, uid: str) -> str:
+        """train or eval, fixed by the uid alone."""
+        return "eval" if eval_draw(uid) < self.eval_frac else "train"
+
+
+def _when(value: Any) -> tuple[int, Optional[str]]:
+    try:
+        return parse_when(value)
+    except (ValueError, OverflowError, OSError):
+        return -1, None
+
+
+def _read_image(ref: str) -> Optional[bytes]:
+    try:
+        if "://" in ref:
+            with fsspec.open(ref, "rb") as file:
+                return file.read()
+        with open(ref, "rb") as file:
+            return file.read()
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class ManifestUnit:
+    """A run of consecutive manifest rows: (image ref, caption, time, uid, class) each."""
+
+    rows: tuple[Optional[tuple[Any, ...]], ...]
+    base: str
+    routing: Routing
+    image: ImageOptions
+
+    def items(self) -> Iterator[UnitItem]:
+        """Validate each row in order: timestamp, year filter, caption, class, then a full image decode."""
+        return (self._item(row) if row is not None else "bad_row" for row in self.rows)
+
+    def _item(self, row: tuple[Any, ...]) -> UnitItem:
+        ref, caption, when, uid, cls = row
+        year, timestamp = _when(when)
+        if year < 0:
+            return "bad_timestamp"
+        if self.routing.years is not None and year not in self.routing.years:
+            return "year_not_selected"
+        if not isinstance(caption, str) or not caption.strip():
+            return "missing_caption"
+        try:
+            label = int(cls) if cls not in (None, "") else None
+        except (TypeError, ValueError):
+            return "bad_class"
+        if not isinstance(ref, str) or not ref:
+            return "missing_image"
+        data = _read_image(ref if "://" in ref or ref.startswith("/") else f"{self.base}/{ref}")
+        if data is None:
+            return "missing_image"
+        try:
+            image, ext = prepare_image(data, self.image)
+        except BadImage:
+            return "corrupt_image"
+        uid = str(uid) if uid not in (None, "") else hashlib.blake2b(ref.encode(), digest_size=16).hexdigest()
+        meta = {"url": ref, "caption": caption.strip(), **({"timestamp": timestamp} if timestamp else {})}
+        return make_sample(uid, year, self.routing.split(uid), image, ext, caption.strip(), meta, label)
+
+
+@lru_cache(maxsize=2)
+def _uid_index(path: str) -> UidYearIndex:
+    # One mapping per worker process, reused by all its units.
+    return UidYearIndex(path)
+
+
+def _group(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
+    key, members = None, {}
+    for info in tar:
+        match = _MEMBER.match(info.name) if info.isfile() else None
+        if match is None:
+            continue
+        if match.group(1) != key and members:
+            yield key, members
+            members = {}
+        key = match.group(1)
+        members[match.group(2).lower()] = tar.extractfile(info).read()
+    if members:
+        yield key, members
+
+
+@dataclass(frozen=True)
+class ShardUnit:
+    """One input webdataset shard (img2dataset / DataComp layout), years from a json field or a uid index."""
+
+    url: str
+    routing: Routing
+    image: ImageOptions
+    year_field: Optional[str]
+    uid_index: Optional[str]
+
+    def items(self) -> Iterator[UnitItem]:
+        """Validate each sample of the shard in file order."""
+        try:
+            with fsspec.open(self.url, "rb", compression="infer") as file, tarfile.open(fileobj=file, mode="r|") as tar:
+                yield from (self._item(key, members) for key, members in _group(tar))
+        except (tarfile.TarError, OSError, EOFError) as error:
+            raise PrepError(f"--shards {self.url}: unreadable shard ({error}); re-download or remove it") from error
+
+    def _item(self, key: str, members: dict[str, bytes]) -> UnitItem:
+        try:
+            meta = json.loads(members["json"]) if "json" in members else {}
+        except ValueError:
+            meta = {}
+        meta = meta if isinstance(meta, dict) else {}
+        uid = str(meta.get("uid") or key.rsplit("/", 1)[-1])
+        if self.uid_index is not None:
+            year, timestamp = _uid_index(self.uid_index).year(uid), None
+            if year is None:
+                return "uid_not_listed"
+        elif meta.get(self.year_field) is None:
+            return "missing_year"
+        else:
+            year, timestamp = _when(meta[self.year_field])
+            if year < 0:
+                return "bad_timestamp"
+        if self.routing.years is not None and year not in self.routing.years:
+            return "year_not_selected"
+        caption = members["txt"].decode("utf-8", "replace").strip() if "txt" in members else meta.get("caption")
+        if not isinstance(caption, str) or not caption.strip():
+            return "missing_caption"
+        data = next((members[ext] for ext in IMAGE_MEMBERS if ext in members), None)
+        if data is None:
+            return "missing_image"
+        try:
+            image, ext = prepare_image(data, self.image)
+        except BadImage:
+            return "corrupt_image"
+        if timestamp and "timestamp" not in meta:
+            meta["timestamp"] = timestamp
+        cls = members.get("cls", b"").decode("ascii", "replace").strip()
+        label = int(cls) if cls.isdigit() else None
+        return make_sample(uid, year, self.routing.split(uid), image, ext, caption.strip(), meta, label)
