@@ -71,3 +71,57 @@ def assumptions(cfg: Config, sizes: Mapping[str, int], flops: int, assumed_sizes
     if assumed_sizes:
         notes.append(f"- data not readable here: every year assumed to hold {_human(next(iter(sizes.values())))} samples (--year-size)")
     return "assumptions:\n" + "\n".join(notes)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def memory_table(report: Mapping[str, Any]) -> str:
+    """One preset's memory report: a header, then one line per ZeRO stage and offload (GiB per GPU)."""
+    r = report
+    label = f"{r['config']}: " if r.get("config") else ""
+    if r["accumulation"]:
+        batches = (f"global batch {r['global_batch']} = micro-batch {r['micro_batch']} x {r['world']} GPUs x "
+                   f"{r['accumulation']} accumulation step{'s' if r['accumulation'] > 1 else ''}")
+    else:
+        batches = (f"note: global batch {r['global_batch']} is not a multiple of micro-batch x GPUs = "
+                   f"{r['micro_batch']} x {r['world']}; the trainer refuses this cluster size")
+    lines = [
+        f"{label}{r['model']}, {_human(r['params'])} params (largest layer {_human(r['largest_layer_params'])}), "
+        f"{r['precision']}, micro-batch {r['micro_batch']}, {r['gpus_per_node']} GPUs x {r['nodes']} nodes "
+        f"= {r['world']} GPUs, {r['gpu_mem_gib']:g} GiB per GPU",
+        batches,
+        f"activations at micro-batch {r['micro_batch']}: {_gib(r['activations_ckpt_off'])} GiB without "
+        f"checkpointing, {_gib(r['activations_ckpt_on'])} GiB with; backward working set {_gib(r['working_set'])} GiB",
+        f"  {'zero':>4} {'offload':<19} {'states':>7} {'CPU/node':>8} {'total':>8} {'total':>8} "
+        f"{'max micro':>9} {'max micro':>9}",
+        f"  {'':>4} {'':<19} {'GiB/GPU':>7} {'GiB':>8} {'ckpt off':>8} {'ckpt on':>8} {'ckpt off':>9} {'ckpt on':>9}",
+    ]
+    for row in r["rows"]:
+        mark = "*" if (row["stage"], row["offload"]) == (r["zero_stage"], r["config_offload"]) else " "
+        lines.append(
+            f"{mark} {row['stage']:>4} {row['offload']:<19} {_gib(row['states_gpu']):>7} "
+            f"{_gib(row['states_cpu_node']):>8} {_gib(row['total_ckpt_off']):>8} {_gib(row['total_ckpt_on']):>8} "
+            f"{row['max_micro_ckpt_off']:>9} {row['max_micro_ckpt_on']:>9}"
+        )
+    return "\n".join(lines)
+
+
+def memory_notes(precision: str) -> str:
+    """What the memory tables count and leave out."""
+    notes = [
+        "- * = the config's deepspeed.zero_stage and offload; totals are at the config's micro-batch",
+        "- states: DeepSpeed's estimate_zero2/zero3_model_states_mem_needs (16-bit params + fp32 master, "
+        "grads, Adam); stage 0/1 derived with the same bytes per param; CPU/node includes DeepSpeed's 1.5x buffer",
+        "- activations: analytic saved-for-backward bytes with memory-efficient attention (xformers / flash "
+        "SDPA: no seq x seq matrices) and the loss logits over micro x world columns (the global batch with "
+        "train.accumulation=features); checked against saved tensors measured on CPU (tests/test_memory.py)",
+        "- total = states + activations + one block's backward working set; max micro = the largest "
+        "micro-batch whose total fits the GPU",
+        "- not counted: CUDA context, NCCL and DeepSpeed bucket buffers, allocator fragmentation; keep "
+        "headroom by passing a smaller --gpu-mem",
+    ]
+    if precision == "fp32":
+        notes.append("- DeepSpeed's estimators count 16-bit params and grads: fp32 training needs more than shown")
+    return "assumptions:\n" + "\n".join(notes)
