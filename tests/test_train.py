@@ -174,3 +174,35 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(runs: dict[s
     last = {r["global_step"]: r["loss"] for r in records if r["kind"] == "train"}  # redone steps: last value
     assert last == _losses(runs["zero2"]), f"KILL_SEED={seed}"
     assert _weights_equal(runs_dir / "killed", runs["zero2"]), f"KILL_SEED={seed}"
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_two_rank_checkpoint_resumes_on_one_rank(runs: dict[str, Path], name: str) -> None:
+    """step-5 of a 2-rank ZeRO run, resumed on 1 rank (micro-batch doubled): same samples, same losses."""
+    stage = {"zero2": 2, "zero3": 3}[name]
+    shrunk = runs["base"] / "runs" / f"{name}-on-one"
+    shutil.copytree(runs[name], shrunk)
+    shutil.rmtree(shrunk / "checkpoints" / "year-2014")
+    (shrunk / "metrics.jsonl").unlink()
+    shutil.rmtree(shrunk / "keys")
+    _run(
+        [sys.executable, str(REPO / "launch" / "train.py"),
+         *_settings(runs["root"], shrunk.parent, runs["model"], shrunk.name, 8, stage), "--resume", "auto"],
+        runs["base"] / f"{name}-on-one.log",
+    )
+    assert "loading it as a universal checkpoint" in (runs["base"] / f"{name}-on-one.log").read_text()
+    original, again = _losses(runs[name]), _losses(shrunk)
+    assert sorted(again) == list(range(6, STEPS + 1))
+    for step in again:
+        assert again[step] == pytest.approx(original[step], abs=1e-4), (step, original, again)
+    keys_two, keys_one = _keys(runs[name]), _keys(shrunk)
+    for step in range(6, STEPS + 1):
+        assert keys_one[step] == [keys_two[step][0] | keys_two[step][1]]
+    from trainer.weights import load_weights
+
+    wa = load_weights(shrunk / "checkpoints", "year-2014")
+    wb = load_weights(runs[name] / "checkpoints", "year-2014")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -13,6 +16,7 @@ from trainer.distributed import DistInfo, barrier, broadcast_object
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+UNIVERSAL = ".universal"
 STEP_TAG = re.compile(r"^step-(\d+)$")
 
 
@@ -97,6 +101,7 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
     for _, d in steps[: max(0, len(steps) - keep_last)]:
         (d / COMPLETE).unlink()
         shutil.rmtree(d)
+        shutil.rmtree(ckpt_dir / UNIVERSAL / d.name, ignore_errors=True)
 
 
 def _order(tag_dir: Path) -> tuple[int, float]:
@@ -119,6 +124,36 @@ def find_latest(ckpt_dir: Path) -> str | None:
             return tag
     done = [d for d in ckpt_dir.iterdir() if d.is_dir() and is_complete(d)]
     return max(done, key=_order).name if done else None
+
+
+def to_universal(ckpt_dir: Path, tag: str, dist: DistInfo) -> Path:
+    """Convert `tag` to DeepSpeed's universal format (once, atomically); return the folder to load from.
+
+    ZeRO shards optimizer state by data-parallel rank and DeepSpeed refuses to load it on another
+    number of ranks; its universal checkpoint stores every parameter's fp32 weights and Adam
+    moments whole, so any world size can load them.
+    """
+    out = ckpt_dir / UNIVERSAL
+    done = out / tag
+    if dist.is_main and not is_complete(done):
+        from deepspeed.checkpoint.ds_to_universal import main as convert
+
+        tmp = out / f".{tag}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(
+            input_folder=str(ckpt_dir / tag), output_folder=str(tmp), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True,
+            # Our checkpoints are not Megatron's: DeepSpeed's own flag adds the version record.
+            inject_missing_state=True,
+        )
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a progress report
+            convert(args)
+        shutil.copy(ckpt_dir / tag / "trainer_state.json", tmp / "trainer_state.json")
+        _write_atomic(tmp / COMPLETE, tag + "\n")
+        shutil.rmtree(done, ignore_errors=True)
+        os.replace(tmp, done)
+    barrier()
+    return out
 
 
 def load(engine: Any, ckpt_dir: Path, tag: str) -> dict[str, Any]:

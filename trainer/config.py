@@ -191,6 +191,9 @@ class Config:
             d.pop(volatile)
         d["data"].pop("workers")
         d["data"].pop("prefetch_factor")
+        # Like the world size, the micro-batch says how a step is split, so a run may resume on
+        # another number of ranks with it changed.
+        d["train"].pop("micro_batch")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

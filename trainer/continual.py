@@ -150,11 +150,13 @@ class ContinualRun:
     def train_step(self, step: YearStep, resume_tag: Optional[str], start_from: str = "") -> None:
         cfg, dist = self.cfg, self.dist
         model, preprocess, tokenizer = self._model_for(step, start_from)
-        engine = build_engine(model, cfg, dist, self.accum, step.steps, step.warmup)
+        load_dir = self._load_dir(resume_tag)
+        engine = build_engine(model, cfg, dist, self.accum, step.steps, step.warmup,
+                              load_universal=load_dir != self.ckpt_dir)
         state = StepState(plan_step=step.index, global_step=self._steps_before(step))
         sampler_state = None
         if resume_tag is not None:
-            client = ckpt.load(engine, self.ckpt_dir, resume_tag)
+            client = ckpt.load(engine, load_dir, resume_tag)
             state = StepState(**client["step_state"])
             sampler_state = client["sampler"]
         loader, dataset = step_loader(
@@ -240,6 +242,19 @@ class ContinualRun:
             with open(self.run_dir / "years.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def _load_dir(self, resume_tag: Optional[str]) -> Path:
+        """Where to load `resume_tag` from: the run's own folder, or its universal copy when the
+        checkpoint was written by another number of ranks and holds ZeRO-partitioned state."""
+        if resume_tag is None:
+            return self.ckpt_dir
+        saved = self._saved_state(resume_tag)
+        world = saved.get("world_size", self.dist.world_size)
+        if world == self.dist.world_size or not any((self.ckpt_dir / resume_tag).glob("*optim_states.pt")):
+            return self.ckpt_dir
+        log.info("%s was written by %d ranks, resuming on %d: loading it as a universal checkpoint",
+                 resume_tag, world, self.dist.world_size)
+        return ckpt.to_universal(self.ckpt_dir, resume_tag, self.dist)
+
     def _keys_file(self) -> Any:
         folder = self.run_dir / "keys"
         folder.mkdir(exist_ok=True)
@@ -255,6 +270,7 @@ class ContinualRun:
             "global_step": state.global_step,
             "year_complete": year_complete,
             "config_digest": self.cfg.digest(),
+            "world_size": self.dist.world_size,
             "step_state": asdict(state),
             "sampler": dataset.state_dict(batches),
             "cursors": dataset.sampler.cursors(batches * self.cfg.train.micro_batch * self.dist.world_size),

@@ -110,15 +110,28 @@ def scheduler_factory(cfg: Config, total_steps: int, warmup: int) -> Callable[[A
 
 
 def build_engine(
-    model: nn.Module, cfg: Config, dist: DistInfo, accum_steps: int, total_steps: int, warmup: int
+    model: nn.Module,
+    cfg: Config,
+    dist: DistInfo,
+    accum_steps: int,
+    total_steps: int,
+    warmup: int,
+    load_universal: bool = False,
 ) -> Any:
-    """Wrap `model` in a DeepSpeed engine with a fresh optimizer and LR schedule."""
+    """Wrap `model` in a DeepSpeed engine with a fresh optimizer and LR schedule.
+
+    `load_universal`: the engine will load a universal checkpoint (one written on another
+    number of ranks, see checkpoint.to_universal).
+    """
     import deepspeed
 
+    config = deepspeed_config(cfg, dist.world_size, accum_steps, dist.device)
+    if load_universal:
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=deepspeed_config(cfg, dist.world_size, accum_steps, dist.device),
+        config=config,
         lr_scheduler=scheduler_factory(cfg, total_steps, warmup),
         dist_init_required=False,
     )
