@@ -377,6 +377,7 @@ def test_cli_on_a_deepspeed_run_and_compare(tmp_path, tiny_model_json, capsys):
     assert (tmp_path / "runs" / "compare" / "compare_mean_R1.png").is_file()
     printed = capsys.readouterr().out
     assert "seq" in printed and "copy" in printed and "ID    BWT    FWT   mean" in printed
+    assert printed.count("== ") == 2 and printed.count("checkpoint   2014   2015   2016") == 2  # both matrices
 
 
 @pytest.mark.timeout(10)

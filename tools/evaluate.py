@@ -89,6 +89,8 @@ def _run(args: argparse.Namespace) -> int:
                 out = args.out or args.compare[0].parent / "compare"
                 metrics = [m for m in (HEADLINE, "zs_top1") if any(m in x.metrics() for x in matrices.values())]
                 save_compare(matrices, out, metrics)
+                for name, matrix in matrices.items():
+                    print(f"== {name}\n{console_table(matrix, HEADLINE)}\n")
                 print("\n\n".join(compare_table(matrices, m) for m in metrics))
                 print(f"\nplots: {out}/compare_*.png")
         else:

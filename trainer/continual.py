@@ -69,7 +69,6 @@ class ContinualRun:
         self.plan: Plan = make_plan(cfg, sizes)
         self.resume_tag = self._resume_tag(resume or cfg.checkpoint.resume)
         self.selected = select_steps(self.plan, years)
-        self.start_from = start_from
         if start_from:
             check_supported_source(start_from)
         check_supported(cfg.model.name, model_config(cfg.model.name))
@@ -77,6 +76,8 @@ class ContinualRun:
         self.evaluator = Evaluator.from_config(cfg, dist, cfg.plan.years or None) if cfg.eval.enabled else None
         # Checked before anything is written: a resume with other settings must not touch the run.
         self.saved = self._saved_state(self.resume_tag) if self.resume_tag is not None else None
+        self.todo, self.mid = self._remaining()
+        self.start_weights = self._check_start(start_from)
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -103,38 +104,51 @@ class ContinualRun:
             )
         return state
 
-    def run(self) -> None:
+    def _remaining(self) -> tuple[list[YearStep], Optional[str]]:
+        """The selected steps still to train, and the mid-year tag the first of them resumes from."""
         first, mid = 0, None
         if self.saved is not None:
-            saved = self.saved
-            first = saved["plan_step"] + (1 if saved["year_complete"] else 0)
-            mid = None if saved["year_complete"] else self.resume_tag
-            log.info("resuming from %s (plan step %d)", self.resume_tag, first)
-        todo = [s for s in self.selected if s.index >= first]
+            first = self.saved["plan_step"] + (1 if self.saved["year_complete"] else 0)
+            mid = None if self.saved["year_complete"] else self.resume_tag
+        return [s for s in self.selected if s.index >= first], mid
+
+    def _check_start(self, start_from: str) -> Optional[dict[str, torch.Tensor]]:
+        """The first step's given weights, checked against the model; or check its warm start exists."""
+        if not self.todo or self.mid is not None:
+            return None  # a mid-year checkpoint of this run already carries the weights
+        step = self.todo[0]
+        if start_from:
+            model = create_model(self.cfg.model)[0]
+            return weights_from(start_from, model, self.cfg)
+        tag = self._year_tag(step.index - 1) if step.init == "previous" else None
+        if tag is not None and not ckpt.is_complete(self.ckpt_dir / tag):
+            raise ConfigError(
+                f"--years: step {step.tag} warm-starts from {tag}, which {self.run_dir} does not have; "
+                "train that year first or pass --start-from"
+            )
+        return None
+
+    def run(self) -> None:
+        if self.saved is not None:
+            log.info("resuming from %s (plan step %d)", self.resume_tag, self.todo[0].index if self.todo else -1)
+        mid = self.mid
         try:
-            for n, step in enumerate(todo):
-                # --start-from replaces the first step's initial weights, unless a checkpoint of
-                # this run (a resume) already carries them.
-                source = self.start_from if n == 0 and mid is None else ""
-                self.train_step(step, resume_tag=mid, start_from=source)
+            for step in self.todo:
+                self.train_step(step, resume_tag=mid)
                 mid = None
         finally:
             self.metrics.close()
 
-    def _model_for(self, step: YearStep, start_from: str) -> tuple[torch.nn.Module, Any, Any]:
+    def _model_for(self, step: YearStep) -> tuple[torch.nn.Module, Any, Any]:
         """The step's model (scratch, the previous year's or given weights), transform and tokenizer."""
         torch.manual_seed(self.cfg.train.seed + step.index)
         model, preprocess, _, tokenizer = create_model(self.cfg.model, self.dist.device)
-        if start_from:
-            model.load_state_dict(weights_from(start_from, model, self.cfg))
+        if self.start_weights is not None:
+            # --start-from replaces the first step's initial weights (checked in __init__), once.
+            model.load_state_dict(self.start_weights)
+            self.start_weights = None
         elif step.init == "previous":
-            tag = self._year_tag(step.index - 1)
-            if not ckpt.is_complete(self.ckpt_dir / tag):
-                raise ConfigError(
-                    f"--years: step {step.tag} warm-starts from {tag}, which {self.run_dir} does not have; "
-                    "train that year first or pass --start-from"
-                )
-            model.load_state_dict(load_weights(self.ckpt_dir, tag))
+            model.load_state_dict(load_weights(self.ckpt_dir, self._year_tag(step.index - 1)))
         model.output_dict = True
         return model, preprocess, tokenizer
 
@@ -147,9 +161,9 @@ class ContinualRun:
             return None
         return self._saved_state(self._year_tag(index))["cursors"]
 
-    def train_step(self, step: YearStep, resume_tag: Optional[str], start_from: str = "") -> None:
+    def train_step(self, step: YearStep, resume_tag: Optional[str]) -> None:
         cfg, dist = self.cfg, self.dist
-        model, preprocess, tokenizer = self._model_for(step, start_from)
+        model, preprocess, tokenizer = self._model_for(step)
         load_dir = self._load_dir(resume_tag)
         engine = build_engine(model, cfg, dist, self.accum, step.steps, step.warmup,
                               load_universal=load_dir != self.ckpt_dir)

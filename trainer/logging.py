@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +31,8 @@ def setup_console(rank: int) -> None:
     logging.getLogger().addFilter(lambda r: "No pretrained weights loaded" not in r.getMessage())
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+    # open_clip's loss and DeepSpeed call collectives torch has renamed; users can do nothing about it.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed.* is deprecated", category=FutureWarning)
 
 
 class MetricsLog:
