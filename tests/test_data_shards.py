@@ -103,6 +103,11 @@ def test_bad_roots_name_the_culprit(tmp_path, shard_root):
             find_years(str(shard_root))
     with pytest.raises(DataError, match="cannot open shard"):
         open_shard(str(tmp_path / "missing.tar"))
+    with pytest.raises(DataError, match="nosuchprotocol://bucket/x: not a URL fsspec can open"):
+        find_years("nosuchprotocol://bucket/x")
+    # s3fs is not a dependency: an s3:// root names the package to install instead of crashing.
+    with pytest.raises(DataError, match="s3://bucket/tic: this URL needs an fsspec backend.*s3fs"):
+        find_years("s3://bucket/tic")
 
 
 def brute_force(order: YearOrder, p: int) -> list[tuple[int, int, int]]:

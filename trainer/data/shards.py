@@ -85,10 +85,20 @@ class YearShards(Sequence[Shard]):
         )
 
 
+def filesystem(url: str) -> tuple[Any, str]:
+    """fsspec's filesystem and path for `url`; a protocol whose backend is not installed is a DataError."""
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:  # fsspec names the package: "Install s3fs to access S3"
+        raise DataError(f"{url}: this URL needs an fsspec backend that is not installed ({e})") from None
+    except ValueError as e:
+        raise DataError(f"{url}: not a URL fsspec can open ({e})") from None
+
+
 def open_shard(url: str) -> IO[bytes]:
     """Open a shard for reading through fsspec (webdataset's gopen knows no fsspec URLs)."""
+    fs, path = filesystem(url)
     try:
-        fs, path = fsspec.core.url_to_fs(url)
         return fs.open(path, "rb")
     except (OSError, ValueError) as e:
         raise DataError(f"{url}: cannot open shard ({e})") from None
@@ -122,7 +132,7 @@ def find_years(
         if years:
             raise DataError(f"{root}: a brace pattern has no year folders to pick {years} from")
         return {"all": _from_pattern(root)}
-    fs, path = fsspec.core.url_to_fs(root)
+    fs, path = filesystem(root)
     if not fs.isdir(path):
         raise DataError(f"{root}: no such folder")
     where = posixpath.join(path, split)
@@ -222,7 +232,7 @@ def _from_pattern(pattern: str) -> YearShards:
     sizes = np.zeros(len(urls), dtype=np.int64)
     for i, url in enumerate(urls):
         folder, name = url.rsplit("/", 1) if "/" in url else (".", url)
-        fs, path = fsspec.core.url_to_fs(folder)
+        fs, path = filesystem(folder)
         if folder not in by_folder:
             listed = _read_sizes(fs, posixpath.join(path, SIZES))
             by_folder[folder] = dict(zip(listed[0], listed[1].tolist())) if listed else {}
