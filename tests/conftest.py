@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -23,6 +24,16 @@ TINY_MODEL = {
 }
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip every `gpu`-marked test on a machine without CUDA, so plain `pytest` stays CPU-only."""
+    if torch.cuda.is_available():
+        return
+    no_cuda = pytest.mark.skip(reason="gpu test: no CUDA device here")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_cuda)
 
 
 @pytest.fixture(scope="session")

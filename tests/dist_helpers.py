@@ -1,4 +1,4 @@
-"""Run a function on N gloo ranks in fresh processes (how distributed correctness is tested here)."""
+"""Run a function on N ranks in fresh processes (how distributed correctness is tested here)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple) -> None:
+def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple, backend: str) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
@@ -25,19 +25,22 @@ def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple
     torch.set_num_threads(1)
     from trainer.distributed import init_distributed, shutdown
 
-    init_distributed("gloo")
+    init_distributed(backend)
     try:
         fn(rank, world, *args)
     finally:
         shutdown()
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> None:
-    """Call fn(rank, world, *args) on `world` spawned gloo ranks; fails if any rank raises.
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo") -> None:
+    """Call fn(rank, world, *args) on `world` spawned ranks (gloo unless told); fails if any rank raises.
 
-    `fn` must be importable (module level) and report results through files in a tmp dir.
+    `fn` must be importable (module level) and report results through files in a tmp dir. Rank r
+    gets LOCAL_RANK=r, so with backend="nccl" it runs on GPU r.
     """
-    mp.start_processes(_entry, args=(fn, world, free_port(), args), nprocs=world, start_method="spawn", join=True)
+    mp.start_processes(
+        _entry, args=(fn, world, free_port(), args, backend), nprocs=world, start_method="spawn", join=True
+    )
 
 
 def clean_env() -> dict[str, str]:

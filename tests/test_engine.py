@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def test_deepspeed_config_from_ours(tiny_model_json: Path) -> None:
     assert "torch_adam" not in ds["optimizer"]["params"]  # offload needs DeepSpeed's CPU Adam
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     plain = deepspeed_config(_cfg(tiny_model_json), 1, 1, torch.device("cpu"))
-    assert plain["optimizer"]["params"]["torch_adam"] is True
+    assert plain["optimizer"]["params"]["torch_adam"] is True and plain["optimizer"]["params"]["fused"] is True
+    assert plain["gradient_clipping"] == 0.0  # absent, DeepSpeed would clip at 1.0
     assert plain["optimizer"]["params"]["betas"] == [0.9, 0.98]
     cuda = deepspeed_config(_cfg(tiny_model_json), 1, 1, torch.device("cuda"))
     assert cuda["bf16"]["enabled"] and "torch_adam" not in cuda["optimizer"]["params"]
@@ -148,3 +150,49 @@ def test_feature_cache_accumulation_equals_the_full_batch(dist, tiny_model_json:
     # DeepSpeed's own accumulation averages two separate 4-sample contrastive problems instead.
     separate_losses, _ = _accumulation_run(dist, tiny_model_json, micro=4, mode="gradients")
     assert abs(separate_losses[0] - full_losses[0]) > 1e-2
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_engine_trains_on_fp32_batches(dist, tiny_model_json: Path, stage: int) -> None:
+    """DeepSpeed casts the module to bf16 but no inputs; the loader's fp32 images must still go in."""
+    cfg = _cfg(tiny_model_json, "model.precision=bf16", f"deepspeed.zero_stage={stage}")
+    torch.manual_seed(0)
+    model = create_model(cfg.model)[0]
+    model.output_dict = True
+    engine = build_engine(model, cfg, dist, accum_steps=1, total_steps=2, warmup=0)
+    assert engine.module.visual.conv1.weight.dtype == torch.bfloat16
+    batch = {"image": torch.randn(4, 3, 32, 32), "text": torch.randint(1, 400, (4, 16))}
+    losses = [accumulate_gradients(engine, [batch], ContrastiveLoss(0, 1), torch.device("cpu")) for _ in range(2)]
+    assert all(math.isfinite(x) for x in losses) and losses[1] < losses[0]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("stage", [0, 1])
+def test_cpu_engine_takes_torch_adamw_steps(dist, tiny_model_json: Path, stage: int) -> None:
+    """DeepSpeed's steps are torch's default AdamW steps: no hidden clipping, same update.
+
+    The fused kernel orders its float operations differently, and Adam amplifies that where a
+    gradient is near eps, so parameters agree to a small fraction of one step (lr), not bitwise.
+    """
+    cfg = _cfg(tiny_model_json, f"deepspeed.zero_stage={stage}", "optim.schedule=const")
+    torch.manual_seed(0)
+    model = create_model(cfg.model)[0]
+    model.output_dict = True
+    reference = copy.deepcopy(model)
+    engine = build_engine(model, cfg, dist, accum_steps=1, total_steps=3, warmup=0)
+    assert engine.basic_optimizer.defaults["fused"] is True
+    o = cfg.optim
+    torch_adamw = torch.optim.AdamW(param_groups(reference, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+    loss_fn = ContrastiveLoss(0, 1)
+    _train(engine, 3, loss_fn)
+    g = torch.Generator().manual_seed(0)  # _train's batch
+    image, text = torch.randn(4, 3, 32, 32, generator=g), torch.randint(1, 400, (4, 16), generator=g)
+    for _ in range(3):
+        out = reference(image=image, text=text)
+        torch_adamw.zero_grad()
+        loss_fn(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+        torch_adamw.step()
+    ours = engine.module.state_dict()
+    for name, value in reference.state_dict().items():
+        assert (ours[name] - value).abs().max() < 0.1 * o.lr, name

@@ -77,3 +77,12 @@ def test_logit_scale_is_capped_with_zero_gradient_above_the_cap() -> None:
     assert loss_fn.scale(below.exp()).item() == pytest.approx(50.0)
     loss_fn(img, txt, below.exp()).backward()
     assert below.grad.abs().item() > 0
+
+
+def test_half_precision_features_give_an_fp32_loss() -> None:
+    """bf16 engines hand over bf16 features; logits up to 100 need fp32 for a precise loss."""
+    img, txt = (t.to(torch.bfloat16) for t in _batch())
+    scale = torch.tensor([50.0], dtype=torch.bfloat16)
+    loss = ContrastiveLoss(0, 1)(img, txt, scale)
+    assert loss.dtype == torch.float32
+    assert loss.item() == ContrastiveLoss(0, 1)(img.float(), txt.float(), scale.float()).item()

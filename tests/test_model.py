@@ -359,7 +359,6 @@ def test_dropout_only_in_training():
 
 @pytest.mark.gpu
 @pytest.mark.timeout(120)
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_real_xformers_kernel_matches_sdpa_on_cuda(tiny_model_json, dtype):
     pytest.importorskip("xformers.ops")
@@ -391,15 +390,23 @@ def test_resolve_backend(monkeypatch):
     with pytest.raises(ModelError, match="'flash'"):
         resolve_backend("flash", "cpu")
     # Only device names: no GPU needed.
-    monkeypatch.setattr(trainer.model, "_xformers_importable", lambda: True)
+    monkeypatch.setattr(trainer.model, "xformers_problem", lambda device: "")
     assert resolve_backend("auto", "cuda") == "xformers"
     assert resolve_backend("xformers", "cuda:1") == "xformers"
-    monkeypatch.setattr(trainer.model, "_xformers_importable", lambda: False)
+    missing = "xformers is not installed (pip install xformers)"
+    monkeypatch.setattr(trainer.model, "xformers_problem", lambda device: missing)
     assert resolve_backend("auto", "cuda") == "sdpa"
-    with pytest.raises(ModelError, match="xformers is not installed"):
+    with pytest.raises(ModelError, match="xformers is not installed.*; use sdpa"):
         resolve_backend("xformers", "cuda")
     with pytest.raises(ModelError, match="xformers"):
         create_model(ModelConfig(name="ViT-B-32", attention="xformers"))
+
+
+@pytest.mark.timeout(30)
+def test_xformers_probe_runs_the_kernel():
+    """Importable is not enough: the probe calls the kernel, and xformers has none for the CPU."""
+    pytest.importorskip("xformers.ops")
+    assert attention.xformers_problem("cpu").startswith("xformers has no working kernel on cpu (")
 
 
 @pytest.mark.timeout(60)
@@ -426,6 +433,14 @@ def test_grad_checkpointing_flag(tiny_model_json):
 
 
 # --- logit_scale and export ----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_image_tower_takes_fp32_images_in_half_precision(tiny_model_json):
+    model = _build(tiny_model_json).to(torch.bfloat16).eval()
+    images, _ = _inputs()
+    with torch.no_grad():
+        _close(model.encode_image(images), model.encode_image(images.to(torch.bfloat16)), atol=0.0)
 
 
 @pytest.mark.timeout(60)

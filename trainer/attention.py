@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
@@ -17,10 +18,29 @@ _BIAS_ALIGN = 8
 def _xformers_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Any, p: float
 ) -> torch.Tensor:
-    """xformers' kernel on [B, L, H, D] tensors; the only call site, so CPU tests can stand in for it."""
+    """xformers' kernel on [B, L, H, D] tensors: FusedAttention's only call, so CPU tests can stand in for it."""
     import xformers.ops
 
     return xformers.ops.memory_efficient_attention(q, k, v, attn_bias=attn_bias, p=p)
+
+
+@functools.lru_cache(maxsize=None)
+def xformers_problem(device: str) -> str:
+    """Why xformers cannot train on `device`, or "" when it can (probed once per device)."""
+    try:
+        import xformers.ops
+    except ImportError:
+        return "xformers is not installed (pip install xformers)"
+    # A wheel built for another torch imports fine yet may have no kernel for this build: find
+    # out here rather than at the first training step. Every xformers CUDA kernel takes fp16.
+    q = torch.zeros(1, 8, 1, 32, device=device, dtype=torch.float16, requires_grad=True)
+    try:
+        out = xformers.ops.memory_efficient_attention(q, q, q, attn_bias=xformers.ops.LowerTriangularMask())
+        out.sum().backward()
+    except RuntimeError as e:  # NotImplementedError (a RuntimeError) when no operator fits
+        reason = str(e).splitlines()[0].rstrip(":") if str(e) else type(e).__name__
+        return f"xformers has no working kernel on {device} ({reason}); reinstall it for torch {torch.__version__}"
+    return ""
 
 
 def _xformers_causal() -> Any:

@@ -48,9 +48,11 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         errors = user_errors()
         from trainer.continual import ContinualRun, Preempted
         from trainer.distributed import init_distributed, shutdown
+        from trainer.host import tune_cpu_process
         from trainer.logging import setup_console
 
         dist = init_distributed(cfg.deepspeed.backend)
+        tune_cpu_process(dist.device)
         setup_console(dist.rank)
         try:
             ContinualRun(cfg, dist, resume=args.resume, start_from=args.start_from, years=args.years).run()

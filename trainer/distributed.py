@@ -79,9 +79,16 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum small lists of numbers over ranks (for counters such as skipped samples)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return t.tolist()
+
+
+def _collective_device() -> torch.device:
+    """Where tensors for a collective must live: NCCL only reduces CUDA tensors, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def sum_counts(counts: dict[str, int]) -> dict[str, int]:

@@ -24,9 +24,13 @@ class StepState:
     """Corrupt samples this rank skipped so far in this plan step, by reason."""
 
 
-def _features(engine: Any, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    image = batch["image"].to(device, non_blocking=True)
-    text = batch["text"].to(device, non_blocking=True)
+def _to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's images and tokens on `device`; copies of pinned tensors overlap with compute."""
+    return batch["image"].to(device, non_blocking=True), batch["text"].to(device, non_blocking=True)
+
+
+def _features(engine: Any, inputs: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    image, text = inputs
     return engine(image=image, text=text)
 
 
@@ -34,14 +38,15 @@ def accumulate_gradients(
     engine: Any, batches: list[dict[str, Any]], loss_fn: ContrastiveLoss, device: torch.device
 ) -> float:
     """DeepSpeed accumulation: each micro-batch is its own contrastive problem; gradients averaged."""
-    total = 0.0
+    losses = []
     for batch in batches:
-        out = _features(engine, batch, device)
+        out = _features(engine, _to_device(batch, device))
         loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         engine.backward(loss)
         engine.step()
-        total += loss.item()
-    return total / len(batches)
+        losses.append(loss.detach())
+    # One wait for the device per optimizer step, not one per micro-batch as loss.item() would.
+    return sum(torch.stack(losses).tolist()) / len(losses)
 
 
 def accumulate_features(
@@ -54,11 +59,14 @@ def accumulate_features(
     gradients sum to the gradient of the full-batch loss, so they are not divided by the
     accumulation count.
     """
+    # Both passes read the same device copies: one host-to-device transfer per micro-batch, for
+    # holding the step's inputs on the device (small next to one micro-batch's activations).
+    inputs = [_to_device(b, device) for b in batches]
     with torch.no_grad():
-        cached = [_features(engine, b, device) for b in batches]
+        cached = [_features(engine, x) for x in inputs]
     loss = None
-    for j, batch in enumerate(batches):
-        out = _features(engine, batch, device)
+    for j, x in enumerate(inputs):
+        out = _features(engine, x)
         images = [out["image_features"] if i == j else c["image_features"] for i, c in enumerate(cached)]
         texts = [out["text_features"] if i == j else c["text_features"] for i, c in enumerate(cached)]
         loss = loss_fn(torch.cat(images), torch.cat(texts), out["logit_scale"])

@@ -43,4 +43,7 @@ class ContrastiveLoss:
     def __call__(
         self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
     ) -> torch.Tensor:
-        return self.clip(image_features, text_features, self.scale(logit_scale))
+        # Under bf16/fp16 the features arrive in half precision, and logits up to 100 and the
+        # cross-entropy would carry ~3 significant digits. Features are only B x D, so the loss
+        # (and the gather) in fp32 is cheap; for fp32 features .float() is a no-op.
+        return self.clip(image_features.float(), text_features.float(), self.scale(logit_scale).float())

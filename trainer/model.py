@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -14,8 +15,10 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
-from trainer.attention import FusedAttention, is_causal_mask
+from trainer.attention import FusedAttention, is_causal_mask, xformers_problem
 from trainer.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "torch")
 _SUPPORTED_HINT = "use an open_clip-native ViT CLIP config such as ViT-B-32"
@@ -125,26 +128,24 @@ def _register(name: str, cfg: dict) -> str:
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """The attention backend to use on `device`: auto = xformers on CUDA when importable, else sdpa."""
+    """The attention backend to use on `device`: auto = xformers on CUDA when its kernels run there, else sdpa."""
     device = torch.device(device)
     if backend not in ATTENTION_BACKENDS:
         raise ModelError(f"model.attention: {backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
     if backend == "auto":
-        return "xformers" if device.type == "cuda" and _xformers_importable() else "sdpa"
+        if device.type != "cuda":
+            return "sdpa"
+        problem = xformers_problem(str(device))
+        if problem:
+            log.warning("model.attention=auto: %s; using sdpa", problem)
+        return "sdpa" if problem else "xformers"
     if backend == "xformers":
         if device.type != "cuda":
             raise ModelError(f"model.attention: xformers has no kernels for {device.type}; use sdpa or auto")
-        if not _xformers_importable():
-            raise ModelError("model.attention: xformers is not installed; pip install xformers, or use sdpa")
+        problem = xformers_problem(str(device))
+        if problem:
+            raise ModelError(f"model.attention: {problem}; use sdpa")
     return backend
-
-
-def _xformers_importable() -> bool:
-    try:
-        import xformers.ops  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def swap_attention(model: nn.Module, backend: str) -> int:
@@ -192,6 +193,21 @@ def _logit_scale_in(
         state_dict[key] = value.reshape(1)
 
 
+def _image_in_weight_dtype(visual: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: cast the image batch to the tower's weight dtype."""
+    return (args[0].to(visual.conv1.weight.dtype), *args[1:])
+
+
+def accept_fp32_images(model: nn.Module) -> None:
+    """Let the image tower take fp32 batches after DeepSpeed casts it to bf16/fp16.
+
+    open_clip casts the text embeddings to the weights' dtype but feeds images straight into
+    conv1, and DeepSpeed casts no inputs in bf16 mode, so every caller (training loop,
+    benchmarks, tests) would otherwise have to know the engine's dtype.
+    """
+    model.visual.register_forward_pre_hook(_image_in_weight_dtype)
+
+
 def make_zero_safe(model: nn.Module) -> None:
     """Make logit_scale shape [1] for DeepSpeed (0-dim params crash it) while state_dict stays open_clip's."""
     scale = model.logit_scale
@@ -232,4 +248,5 @@ def create_model(
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     make_zero_safe(model)
+    accept_fp32_images(model)
     return model, preprocess_train, preprocess_val, tokenizer

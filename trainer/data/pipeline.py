@@ -273,7 +273,11 @@ def build_loader(dataset: StreamDataset, prefetch_factor: int = 2) -> DataLoader
         dataset,
         batch_size=None,
         num_workers=dataset.workers,
+        # Each plan step builds its own loader and iterates it once: persistent workers would only
+        # keep idle processes, with their open shards, alive into the next step.
         persistent_workers=False,
+        # init_distributed trains on CUDA whenever it is available (and has set this rank's device
+        # by now); pinned batches let the loop's non_blocking copies overlap with compute.
         pin_memory=torch.cuda.is_available(),
         **extra,
     )
