@@ -9,7 +9,8 @@ tools/make_shards.py. Ours is launch/train.py with configs/bench_tiny64.yaml; th
 open_clip_train.main with the model registered by add_model_config. Runs alternate ours/theirs
 in ABBA order. A run's figure is its median step time over the steps after the warmup, taken
 from each trainer's own per-step log (our metrics.jsonl samples_per_s; their "Batch (t)"); both
-include the data wait. Both write a checkpoint only after their last step. MFU is achieved
+include the data wait. Neither evaluates; ours writes its year-end checkpoint after its last
+step, theirs (--logs none) writes none. Our ZeRO stage is the config's (0: one rank). MFU is achieved
 FLOP/s (torch's count, training = 3 x forward) over a 2048^2 fp32 matmul measured between runs
 at the same thread count.
 """
