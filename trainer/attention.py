@@ -37,7 +37,7 @@ def xformers_problem(device: str) -> str:
     try:
         out = xformers.ops.memory_efficient_attention(q, q, q, attn_bias=xformers.ops.LowerTriangularMask())
         out.sum().backward()
-    except RuntimeError as e:  # NotImplementedError (a RuntimeError) when no operator fits
+    except RuntimeError as e:  # xformers raises a RuntimeError subclass when no operator fits
         reason = str(e).splitlines()[0].rstrip(":") if str(e) else type(e).__name__
         return f"xformers has no working kernel on {device} ({reason}); reinstall it for torch {torch.__version__}"
     return ""

@@ -8,7 +8,7 @@ import re
 import tarfile
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import fsspec
 
@@ -80,16 +80,24 @@ class ManifestUnit:
             return "bad_class"
         if not isinstance(ref, str) or not ref:
             return "missing_image"
-        data = _read_image(ref if "://" in ref or ref.startswith("/") else f"{self.base}/{ref}")
-        if data is None:
-            return "missing_image"
-        try:
-            image, ext = prepare_image(data, self.image)
-        except BadImage:
-            return "corrupt_image"
+        checked = _checked_image(_read_image(ref if "://" in ref or ref.startswith("/") else f"{self.base}/{ref}"),
+                                 self.image)
+        if isinstance(checked, str):
+            return checked
+        image, ext = checked
         uid = str(uid) if uid not in (None, "") else hashlib.blake2b(ref.encode(), digest_size=16).hexdigest()
         meta = {"url": ref, "caption": caption.strip(), **({"timestamp": timestamp} if timestamp else {})}
         return make_sample(uid, year, self.routing.split(uid), image, ext, caption.strip(), meta, label)
+
+
+def _checked_image(data: Optional[bytes], options: ImageOptions) -> Union[tuple[bytes, str], str]:
+    """(encoded image, extension) after a full decode, or the skip reason for a missing or corrupt one."""
+    if data is None:
+        return "missing_image"
+    try:
+        return prepare_image(data, options)
+    except BadImage:
+        return "corrupt_image"
 
 
 @lru_cache(maxsize=2)
@@ -153,13 +161,10 @@ class ShardUnit:
         caption = members["txt"].decode("utf-8", "replace").strip() if "txt" in members else meta.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             return "missing_caption"
-        data = next((members[ext] for ext in IMAGE_MEMBERS if ext in members), None)
-        if data is None:
-            return "missing_image"
-        try:
-            image, ext = prepare_image(data, self.image)
-        except BadImage:
-            return "corrupt_image"
+        checked = _checked_image(next((members[ext] for ext in IMAGE_MEMBERS if ext in members), None), self.image)
+        if isinstance(checked, str):
+            return checked
+        image, ext = checked
         if timestamp and "timestamp" not in meta:
             meta["timestamp"] = timestamp
         cls = members.get("cls", b"").decode("ascii", "replace").strip()
