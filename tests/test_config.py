@@ -125,9 +125,9 @@ def test_digest_ignores_logging_but_not_training() -> None:
 
 
 def test_readme_config_reference_lists_every_setting() -> None:
-    """The README's table is `python -m trainer.config`; a new or renamed setting must reach it."""
-    from trainer.config import reference
+    """The README's table is `python -m trainer.config_reference`; a new or renamed setting must reach it."""
+    from trainer.config_reference import reference
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [key for key, _, _ in reference() if f"| `{key}` |" not in readme]
-    assert not missing, f"README config reference lacks {missing}: paste `python -m trainer.config`"
+    assert not missing, f"README config reference lacks {missing}: paste `python -m trainer.config_reference`"

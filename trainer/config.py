@@ -393,30 +393,3 @@ def save_config(cfg: Config, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tmp.replace(path)
-
-
-def reference() -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every setting, from the docstrings in this file."""
-    import ast
-    import inspect
-
-    docs: dict[tuple[str, str], str] = {}
-    tree = ast.parse(inspect.getsource(__import__(__name__, fromlist=["_"])))
-    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
-        body = cls.body
-        for stmt, nxt in zip(body, body[1:]):
-            if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[(cls.name, stmt.target.id)] = " ".join(str(nxt.value.value).split())
-    rows = []
-    for section in dataclasses.fields(Config):
-        sub = section.default_factory()
-        for f in dataclasses.fields(sub):
-            default = getattr(sub, f.name)
-            rows.append((f"{section.name}.{f.name}", json.dumps(default), docs.get((type(sub).__name__, f.name), "")))
-    return rows
-
-
-if __name__ == "__main__":
-    print("| setting | default | meaning |\n| --- | --- | --- |")
-    for key, default, doc in reference():
-        print(f"| `{key}` | `{default}` | {doc} |")
