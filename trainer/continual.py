@@ -261,8 +261,7 @@ class ContinualRun:
         checkpoint was written by another number of ranks and holds ZeRO-partitioned state."""
         if resume_tag is None:
             return self.ckpt_dir
-        saved = self._saved_state(resume_tag)
-        world = saved.get("world_size", self.dist.world_size)
+        world = self.saved.get("world_size", self.dist.world_size)  # resume_tag is self.resume_tag
         if world == self.dist.world_size or not any((self.ckpt_dir / resume_tag).glob("*optim_states.pt")):
             return self.ckpt_dir
         log.info("%s was written by %d ranks, resuming on %d: loading it as a universal checkpoint",
