@@ -8,7 +8,8 @@ Batches are random tensors made once (data wait 0), or with --data DIR the shard
 by the config's own loader for the first step of its plan, exactly as a training run reads them.
 Each optimizer step is split into data wait / forward (with the loss) / backward / optimizer.
 FLOPs are counted by torch under SDPA's math kernel (training = 3 x forward) and checked against
-the formula; MFU is achieved FLOP/s over the peak of a large matmul measured in this process
+the formula, and scaled to the text lengths the batches had (model.trim_text cuts each batch
+after its last end-of-text token); MFU is achieved FLOP/s over the peak of a large matmul measured in this process
 before and after the timed steps (CPU: fp32; GPU: the run's dtype), the higher of the two.
 """
 
@@ -59,9 +60,18 @@ def _sync(device: torch.device) -> None:
 
 
 def time_steps(
-    engine: Any, batches: Iterator[dict[str, Any]], loss_fn: ContrastiveLoss, accum: int, device: torch.device, n: int
+    engine: Any,
+    batches: Iterator[dict[str, Any]],
+    loss_fn: ContrastiveLoss,
+    accum: int,
+    device: torch.device,
+    n: int,
+    text_lengths: list[int],
 ) -> list[dict[str, float]]:
-    """Seconds of each part of `n` optimizer steps (DeepSpeed gradient accumulation over `accum`)."""
+    """Seconds of each part of `n` optimizer steps (DeepSpeed gradient accumulation over `accum`).
+
+    Appends each micro-batch's text length (trimmed batches are shorter than the context) to `text_lengths`.
+    """
     steps = []
     for _ in range(n):
         parts = dict.fromkeys(PARTS, 0.0)
@@ -77,6 +87,7 @@ def time_steps(
             batch = next(batches)
             image = batch["image"].to(device, non_blocking=True)
             text = batch["text"].to(device, non_blocking=True)
+            text_lengths.append(text.shape[1])
             t = lap("data", t)
             out = engine(image=image, text=text)
             loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
@@ -136,8 +147,10 @@ def main() -> None:
     precision = resolve_precision(cfg.model.precision, dist.device)
     peak_dtype = DTYPES[precision] if dist.device.type == "cuda" else torch.float32
     peak_before = matmul_peak(dist.device, peak_dtype)
-    time_steps(engine, batches, loss_fn, accum, dist.device, args.warmup)
-    steps = time_steps(engine, batches, loss_fn, accum, dist.device, args.steps)
+    lengths: list[int] = []
+    time_steps(engine, batches, loss_fn, accum, dist.device, args.warmup, lengths)
+    lengths.clear()
+    steps = time_steps(engine, batches, loss_fn, accum, dist.device, args.steps, lengths)
     peak_after = matmul_peak(dist.device, peak_dtype)
     memory, memory_what = peak_memory(dist.device)
     if not dist.is_main:
@@ -145,7 +158,10 @@ def main() -> None:
     totals = [sum(s.values()) for s in steps]
     step = statistics.median(totals)
     samples_per_s = cfg.train.global_batch / step
-    achieved = samples_per_s / dist.world_size * 3 * forward
+    # What the steps ran: the counter's forward at the full context, scaled by the formula to the
+    # batches' text lengths (test_flops checks the formula against the counter at both).
+    run = forward * statistics.mean(analytic_flops(model, n).total for n in lengths) / formula.total
+    achieved = samples_per_s / dist.world_size * 3 * run
     peak = max(peak_before, peak_after)
     source = f"shards {args.data}" if args.data else "random tensors"
     print(f"config {args.config}  model {cfg.model.name}  attention {cfg.model.attention}  zero {cfg.deepspeed.zero_stage}  "
@@ -157,6 +173,8 @@ def main() -> None:
     print(f"peak memory {memory / 2**30:.2f} GiB ({memory_what})")
     print(f"FLOPs/sample: train {3 * forward:.3e} (3 x forward {forward:.3e}, torch counter under SDPA math); "
           f"formula {formula.total:.3e}, attention {formula.attention / formula.total:.1%} of it")
+    print(f"text tokens per batch: {statistics.mean(lengths):.1f} of {model.context_length} (model.trim_text="
+          f"{cfg.model.trim_text}); train FLOPs/sample run {3 * run:.3e}")
     print(f"achieved {achieved / 1e9:.1f} GFLOP/s per rank  {str(peak_dtype).removeprefix('torch.')} matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s (before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f})  "
           f"MFU {achieved / peak:.1%}")

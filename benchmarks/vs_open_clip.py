@@ -11,8 +11,9 @@ in ABBA order. A run's figure is its median step time over the steps after the w
 from each trainer's own per-step log (our metrics.jsonl samples_per_s; their "Batch (t)"); both
 include the data wait. Neither evaluates; ours writes its year-end checkpoint after its last
 step, theirs (--logs none) writes none. Our ZeRO stage is the config's (0: one rank). MFU is achieved
-FLOP/s (torch's count, training = 3 x forward) over a 2048^2 fp32 matmul measured between runs
-at the same thread count.
+FLOP/s (torch's count, training = 3 x forward, at the text length each ran: ours cuts every
+text batch after its last end-of-text token, model.trim_text) over a 2048^2 fp32 matmul
+measured between runs at the same thread count; `model.trim_text=false` runs ours at full length.
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_ours(work: Path, name: str, shards: Path, samples: int, threads: int, overrides: list[str]) -> list[float]:
-    """Per-step seconds of launch/train.py from its metrics.jsonl."""
+def run_ours(
+    work: Path, name: str, shards: Path, samples: int, threads: int, overrides: list[str]
+) -> tuple[list[float], list[float]]:
+    """Per-step seconds and text tokens per caption of launch/train.py, from its metrics.jsonl."""
     run_dir = work / "ours" / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [
@@ -76,7 +79,7 @@ def run_ours(work: Path, name: str, shards: Path, samples: int, threads: int, ov
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     records = [r for r in map(json.loads, lines) if r["kind"] == "train"]
     shutil.rmtree(run_dir / "checkpoints")  # written after the last step; only disk space here
-    return [BATCH / r["samples_per_s"] for r in records]
+    return [BATCH / r["samples_per_s"] for r in records], [r["text_tokens"] for r in records]
 
 
 def run_theirs(work: Path, name: str, tars: list[Path], samples: int, threads: int) -> list[float]:
@@ -137,20 +140,23 @@ def main() -> None:
     shards = args.work / f"shards-{samples}"
     tars = make_shards(shards, samples)
     torch.set_num_threads(args.threads)
-    flops = train_flops(create_model(ModelConfig(name=str(MODEL_JSON)))[0])
+    model = create_model(ModelConfig(name=str(MODEL_JSON)))[0]
+    flops = train_flops(model)
     print(f"model {MODEL_JSON.name}  batch {BATCH}  fp32  1 process  1 data worker  threads {args.threads}  "
           f"steps {args.steps} timed after {args.warmup}  train FLOPs/sample {flops:.3e}  "
           f"open_clip {found['open_clip']}  webdataset (theirs) {found['webdataset']}  "
           f"ours: {CONFIG.name} {' '.join(args.overrides)}")
     rates: dict[str, list[float]] = {"ours": [], "theirs": []}
     peaks: list[float] = []
+    tokens: list[float] = []
     for r in range(args.runs):
         order = ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")
         for who in order:
             name = f"{who}-{r}"
             load = os.getloadavg()[0]
             if who == "ours":
-                steps = run_ours(args.work, name, shards, samples, args.threads, args.overrides)
+                steps, run_tokens = run_ours(args.work, name, shards, samples, args.threads, args.overrides)
+                tokens += run_tokens[args.warmup:]
             else:
                 steps = run_theirs(args.work, name, tars, samples, args.threads)
             if len(steps) != total:
@@ -169,8 +175,13 @@ def main() -> None:
     print(f"samples/s open_clip_train {_summary(rates['theirs'])}")
     print(f"ratio ours/open_clip_train {ours / theirs:.3f} (of medians; per run {_summary(ratios)})")
     print(f"fp32 matmul peak {_summary([x / 1e9 for x in peaks])} GFLOP/s")
-    print(f"MFU ours {ours * flops / peak:.1%}  open_clip_train {theirs * flops / peak:.1%}  "
-          f"(median samples/s x {flops:.3e} FLOPs / median peak)")
+    # Ours cuts each text batch after its last EOT token (model.trim_text): count what it ran.
+    length = round(statistics.median(tokens))
+    ours_flops = train_flops(model, length) if length < model.context_length else flops
+    print(f"text tokens per caption: ours {length} (median), open_clip_train {model.context_length}; train "
+          f"FLOPs/sample ours {ours_flops:.3e}, open_clip_train {flops:.3e}")
+    print(f"MFU ours {ours * ours_flops / peak:.1%}  open_clip_train {theirs * flops / peak:.1%}  "
+          f"(median samples/s x FLOPs/sample / median peak)")
 
 
 if __name__ == "__main__":

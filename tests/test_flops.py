@@ -21,6 +21,10 @@ def test_counter_under_math_equals_the_formula(tiny_model_json: Path, attention:
     formula = analytic_flops(model)
     assert counted == pytest.approx(formula.total, rel=1e-3)
     assert train_flops(model) == 3 * counted
+    # A trimmed text batch (model.trim_text): both count the shorter text tower, and it is less.
+    short = forward_flops(model, text_length=5)
+    assert short == pytest.approx(analytic_flops(model, text_length=5).total, rel=1e-3)
+    assert short < counted
 
 
 @pytest.mark.timeout(60)

@@ -117,7 +117,8 @@ def test_create_model_returns_transforms_and_tokenizer(tiny_model_json):
 
     image = Image.new("RGB", (50, 40), "red")
     assert preprocess_train(image).shape == preprocess_val(image).shape == (3, 32, 32)
-    assert tokenizer(["a red photo"]).shape == (1, CTX)
+    # Cut after the end-of-text token (model.trim_text): start, 3 words, end; the context is unchanged.
+    assert tokenizer(["a red photo"]).shape == (1, 5) and tokenizer.context_length == CTX
     assert next(model.parameters()).dtype == torch.float32
 
 

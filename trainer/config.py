@@ -30,6 +30,8 @@ class ModelConfig:
     """auto = bf16 on CUDA, fp32 on CPU."""
     force_quick_gelu: bool = False
     """Use QuickGELU (OpenAI-trained weights and TiC-CLIP checkpoints use it)."""
+    trim_text: bool = True
+    """Run the text tower only up to each batch's last end-of-text token (exact: causal, EOT-pooled)."""
 
 
 @dataclass(kw_only=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import statistics
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -221,6 +222,8 @@ class ContinualRun:
                         "data_wait_s": rec["data_wait"],
                         "compute_s": rec["compute"],
                         "contrastive_batch": contrastive,
+                        # Tokens the text tower ran per caption: batches are cut after their last EOT.
+                        "text_tokens": statistics.mean(b["text"].shape[1] for b in rec["batches"]),
                         "skipped_rank0": dict(state.bad),
                         "year_counts": _year_counts(rec["batches"]),
                     }

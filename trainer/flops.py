@@ -12,8 +12,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def forward_flops(model: nn.Module) -> int:
-    """Forward FLOPs for one image-text pair.
+def forward_flops(model: nn.Module, text_length: int | None = None) -> int:
+    """Forward FLOPs for one image-text pair (text of `text_length` tokens, default the context).
 
     Run under SDPA's math kernel: torch's counter has no formula for the fused CPU kernel (it
     counts 0 for attention there) and sees nothing inside xformers. Gradients stay enabled so
@@ -24,7 +24,7 @@ def forward_flops(model: nn.Module) -> int:
     size = visual.image_size if isinstance(visual.image_size, tuple) else (visual.image_size,) * 2
     device = next(model.parameters()).device
     image = torch.zeros(1, 3, *size, device=device)
-    text = torch.zeros(1, model.context_length, dtype=torch.long, device=device)
+    text = torch.zeros(1, text_length or model.context_length, dtype=torch.long, device=device)
     counter = FlopCounterMode(display=False)
     was_training = model.training
     model.eval()
@@ -34,9 +34,9 @@ def forward_flops(model: nn.Module) -> int:
     return counter.get_total_flops()
 
 
-def train_flops(model: nn.Module) -> int:
+def train_flops(model: nn.Module, text_length: int | None = None) -> int:
     """FLOPs to train on one pair: forward + backward (twice the forward)."""
-    return 3 * forward_flops(model)
+    return 3 * forward_flops(model, text_length)
 
 
 @dataclass(frozen=True)
@@ -75,14 +75,17 @@ def _projection_numel(proj: nn.Module | torch.Tensor | None) -> int:
     return proj.weight.numel() if isinstance(proj, nn.Linear) else proj.numel()
 
 
-def analytic_flops(model: nn.Module) -> AnalyticFlops:
-    """Forward FLOPs of an open_clip-native ViT CLIP from its shapes (what the counter should see)."""
+def analytic_flops(model: nn.Module, text_length: int | None = None) -> AnalyticFlops:
+    """Forward FLOPs of an open_clip-native ViT CLIP from its shapes (what the counter should see).
+
+    `text_length`: tokens the text tower runs over (trimmed batches, see text_trim); default the context.
+    """
     visual = model.visual
     if getattr(visual, "attn_pool", None) is not None:
         raise ValueError("analytic FLOPs cover class-token / average pooling, not attentional pooling")
     patches = visual.grid_size[0] * visual.grid_size[1]
     image_matmul, image_attention = _tower_flops(_blocks(visual.transformer), patches + 1)  # + class token
-    text_matmul, text_attention = _tower_flops(_blocks(model.transformer), model.context_length)
+    text_matmul, text_attention = _tower_flops(_blocks(model.transformer), text_length or model.context_length)
     # The patch embedding is a matmul of every patch with the flattened conv kernel; each tower
     # projects one pooled vector to the embedding.
     matmul = (

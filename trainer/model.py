@@ -17,6 +17,7 @@ from torch import nn
 
 from trainer.attention import FusedAttention, is_causal_mask, xformers_problem
 from trainer.config import ModelConfig
+from trainer.text_trim import TrimmedTokenizer, allow_short_text
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,8 @@ def create_model(
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(f"{cfg.name}: its tokenizer could not be loaded ({reason})") from None
     swap_attention(model, backend)
+    if cfg.trim_text and allow_short_text(model):
+        tokenizer = TrimmedTokenizer(tokenizer)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     make_zero_safe(model)
