@@ -29,7 +29,7 @@ from trainer.data.loading import step_loader
 from trainer.data.shards import find_years
 from trainer.distributed import DistInfo, init_distributed
 from trainer.engine import build_engine, resolve_precision
-from trainer.flops import analytic_flops, forward_flops, matmul_peak
+from trainer.flops import analytic_flops, forward_flops, matmul_peak, sync
 from trainer.host import tune_cpu_process
 from trainer.loss import ContrastiveLoss
 from trainer.model import create_model
@@ -54,11 +54,6 @@ def loader_batches(cfg: Config, dist: DistInfo, preprocess: Any, tokenizer: Any)
     return iter(loader)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_steps(
     engine: Any,
     batches: Iterator[dict[str, Any]],
@@ -77,7 +72,7 @@ def time_steps(
         parts = dict.fromkeys(PARTS, 0.0)
 
         def lap(part: str, since: float) -> float:
-            _sync(device)  # kernels are asynchronous on CUDA: charge each part its own work
+            sync(device)  # kernels are asynchronous on CUDA: charge each part its own work
             now = time.perf_counter()
             parts[part] += now - since
             return now

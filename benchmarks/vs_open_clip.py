@@ -177,7 +177,7 @@ def main() -> None:
     print(f"fp32 matmul peak {_summary([x / 1e9 for x in peaks])} GFLOP/s")
     # Ours cuts each text batch after its last EOT token (model.trim_text): count what it ran.
     length = round(statistics.median(tokens))
-    ours_flops = train_flops(model, length) if length < model.context_length else flops
+    ours_flops = train_flops(model, length)
     print(f"text tokens per caption: ours {length} (median), open_clip_train {model.context_length}; train "
           f"FLOPs/sample ours {ours_flops:.3e}, open_clip_train {flops:.3e}")
     print(f"MFU ours {ours * ours_flops / peak:.1%}  open_clip_train {theirs * flops / peak:.1%}  "

@@ -104,14 +104,15 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: i
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):  # first calls pick kernels and fault pages in
         a @ b
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
-    _sync(device)
+    sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs them asynchronously); nothing on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)

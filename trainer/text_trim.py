@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import nn
 
-from trainer.attention import FusedAttention
+from trainer.attention import FusedAttention, is_causal_mask
 
 
 def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
@@ -69,8 +69,7 @@ def allow_short_text(model: nn.Module) -> bool:
     if model.attn_mask is None:
         causal = bool(attns) and all(isinstance(a, FusedAttention) and a.causal for a in attns)
     else:
-        n = model.attn_mask.shape[0]
-        causal = torch.equal(torch.isinf(model.attn_mask), torch.ones(n, n, dtype=torch.bool, device=model.attn_mask.device).triu_(1))
+        causal = is_causal_mask(model.attn_mask)
     if not causal:
         return False
     model.encode_text = types.MethodType(_encode_text, model)
