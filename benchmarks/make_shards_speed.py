@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from trainer.data.prep_config import PrepOptions
-from trainer.data.prepare import prepare
+from trainer.prep.options import PrepOptions
+from trainer.prep.prepare import prepare
 
 IMAGE_SIZE = 256
 YEARS = (2014, 2015, 2016, 2017)
@@ -33,8 +33,9 @@ def make_inputs(folder: Path, samples: int) -> Path:
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(samples):
-        coarse = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((IMAGE_SIZE, IMAGE_SIZE),
-                                                                                         Image.Resampling.BICUBIC)
+        coarse = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize(
+            (IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC
+        )
         pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 12, (IMAGE_SIZE, IMAGE_SIZE, 3))
         name = f"images/{i:06d}.jpg"
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / name, quality=90)
@@ -67,8 +68,14 @@ def time_shardwriter_copy(manifest: Path, out: Path) -> float:
     with open(manifest, newline="") as file, wds.ShardWriter(str(out / "%06d.tar"), maxcount=10_000, verbose=0) as sink:
         for i, row in enumerate(csv.DictReader(file)):
             image = (manifest.parent / row["image"]).read_bytes()
-            sink.write({"__key__": f"{i:09d}", "jpg": image, "txt": row["caption"],
-                        "json": {"uid": f"{i:09d}", "year": int(row["timestamp"][:4])}})
+            sink.write(
+                {
+                    "__key__": f"{i:09d}",
+                    "jpg": image,
+                    "txt": row["caption"],
+                    "json": {"uid": f"{i:09d}", "year": int(row["timestamp"][:4])},
+                }
+            )
     return time.perf_counter() - started
 
 
@@ -86,7 +93,8 @@ def main() -> None:
         "make_shards, 1 worker": min(time_make_shards(manifest, args.data / "out1", 1) for _ in range(args.repeats)),
         "make_shards, 2 workers": min(time_make_shards(manifest, args.data / "out2", 2) for _ in range(args.repeats)),
         "webdataset.ShardWriter copy (no decode)": min(
-            time_shardwriter_copy(manifest, args.data / "outw") for _ in range(args.repeats)),
+            time_shardwriter_copy(manifest, args.data / "outw") for _ in range(args.repeats)
+        ),
     }
     for name, seconds in results.items():
         print(f"{name:42s} {seconds:7.2f} s {args.samples / seconds:9.0f} samples/s")

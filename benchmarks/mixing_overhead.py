@@ -29,20 +29,22 @@ import time
 from functools import partial
 from pathlib import Path
 
+# Set before numpy and torch are imported, which read them once (hence E402 for this file in pyproject).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import webdataset as wds  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader
 
-from trainer.config import ModelConfig  # noqa: E402
-from trainer.data.pipeline import Item, StreamDataset, build_loader, decode  # noqa: E402
-from trainer.data.rehearsal import RehearsalSampler, split_quotas  # noqa: E402
-from trainer.data.shards import find_years  # noqa: E402
-from trainer.model import create_model  # noqa: E402
+from trainer.config import ModelConfig
+from trainer.data.pipeline import Item, StreamDataset, build_loader, decode
+from trainer.data.rehearsal import RehearsalSampler, stream_count
+from trainer.data.shards import find_years
+from trainer.model import create_model
+from trainer.plan import apportion
 
 YEARS = ["2014", "2015", "2016", "2017"]
 PLAIN_YEAR = YEARS[-1]
@@ -66,8 +68,12 @@ def write_shards(root: Path, samples: int, per_shard: int, image_size: int) -> N
                     img = (img + rng.normal(0, 8, img.shape)).clip(0, 255).astype(np.uint8)
                     buf = io.BytesIO()
                     Image.fromarray(img).save(buf, format="JPEG", quality=90)
-                    files = {"jpg": buf.getvalue(), "txt": f"a photo of thing {i % 97} in {year}".encode(),
-                             "json": json.dumps({"uid": key, "year": int(year)}).encode(), "cls": str(i % 8).encode()}
+                    files = {
+                        "jpg": buf.getvalue(),
+                        "txt": f"a photo of thing {i % 97} in {year}".encode(),
+                        "json": json.dumps({"uid": key, "year": int(year)}).encode(),
+                        "cls": str(i % 8).encode(),
+                    }
                     for ext, data in files.items():
                         info = tarfile.TarInfo(f"{key}.{ext}")
                         info.size, info.mtime = len(data), 0
@@ -98,18 +104,26 @@ def plain_loader(root: str, args, preprocess, tokenizer) -> DataLoader:
         wds.map(partial(decode, preprocess=preprocess, seed=args.seed)),
         wds.batched(args.micro_batch, collation_fn=partial(collate, tokenizer=tokenizer), partial=False),
     )
-    extra = {"prefetch_factor": args.prefetch_factor} if args.workers > 0 else {}
-    return DataLoader(pipeline, batch_size=None, num_workers=args.workers, **extra)
+    prefetch = args.prefetch_factor if args.workers > 0 else None
+    return DataLoader(pipeline, batch_size=None, num_workers=args.workers, prefetch_factor=prefetch)
 
 
 def mixed_loader(root: str, args, preprocess, tokenizer) -> DataLoader:
-    """B: the rehearsal sampler over all 4 years at cumulative-all weights, as step_loader builds it."""
+    """B: the rehearsal sampler over all 4 years at cumulative-all weights, as loading.step_data builds it."""
     years = find_years(root, years=YEARS)
-    streams = max(args.workers, 1)
-    quotas = split_quotas({y: years[y].samples for y in YEARS}, args.samples, multiple=streams)
+    streams = stream_count(1, args.workers)
+    quotas = apportion(args.samples, {y: years[y].samples for y in YEARS}, multiple=streams)
     sampler = RehearsalSampler(years, quotas, seed=args.seed, world=1, workers=args.workers)
-    dataset = StreamDataset(sampler, rank=0, world=1, workers=args.workers, micro_batch=args.micro_batch,
-                            preprocess=preprocess, tokenizer=tokenizer, seed=args.seed)
+    dataset = StreamDataset(
+        sampler,
+        rank=0,
+        world=1,
+        workers=args.workers,
+        micro_batch=args.micro_batch,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        seed=args.seed,
+    )
     return build_loader(dataset, args.prefetch_factor)
 
 
@@ -151,7 +165,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="reuse (or write once) shards here instead of a temporary folder")
     args = p.parse_args()
-    streams = max(args.workers, 1)
+    streams = stream_count(1, args.workers)
     if args.samples % (streams * args.micro_batch) or (args.samples // args.shard_size) % streams:
         p.error("--samples must be whole micro-batches per worker and whole shards split evenly over workers")
     if args.warmup >= args.samples // args.micro_batch:
@@ -163,10 +177,12 @@ def main() -> None:
             write_shards(root, args.samples, args.shard_size, args.image_size)
         if find_years(str(root), years=[PLAIN_YEAR])[PLAIN_YEAR].samples != args.samples:
             p.error(f"{root}: holds shards of another --samples; A must read exactly one year of {args.samples}")
-        print(f"{args.samples} samples/run, micro-batch {args.micro_batch}, workers {args.workers}, shards of "
-              f"{args.shard_size}, {args.image_size}px JPEG -> {args.model} train transform; "
-              f"A = webdataset over {PLAIN_YEAR}, B = rehearsal over {'+'.join(YEARS)}; cpus {os.cpu_count()}, "
-              f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print(
+            f"{args.samples} samples/run, micro-batch {args.micro_batch}, workers {args.workers}, shards of "
+            f"{args.shard_size}, {args.image_size}px JPEG -> {args.model} train transform; "
+            f"A = webdataset over {PLAIN_YEAR}, B = rehearsal over {'+'.join(YEARS)}; cpus {os.cpu_count()}, "
+            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+        )
         rates: dict[str, list[float]] = {"A": [], "B": []}
         cpu: dict[str, list[float]] = {"A": [], "B": []}
         for run in range(args.runs):
@@ -175,9 +191,14 @@ def main() -> None:
                 rate, us, seen = measure(make(str(root), args, preprocess, tokenizer), args.warmup)
                 rates[name].append(rate)
                 cpu[name].append(us)
-                print(f"run {run + 1} {name}: {rate:8.1f} samples/s  {us:7.1f} CPU us/sample  ({seen} samples)", flush=True)
+                print(
+                    f"run {run + 1} {name}: {rate:8.1f} samples/s  {us:7.1f} CPU us/sample  ({seen} samples)",
+                    flush=True,
+                )
         # The sampler's own share: all streams' draws with no reading, in this process.
-        sampler = mixed_loader(str(root), args, preprocess, tokenizer).dataset.sampler
+        dataset = mixed_loader(str(root), args, preprocess, tokenizer).dataset
+        assert isinstance(dataset, StreamDataset)
+        sampler = dataset.sampler
         alone = float("inf")
         for _rep in range(3):  # best of 3: the first pays for building each year's pass order
             t = time.process_time()
@@ -189,12 +210,18 @@ def main() -> None:
     wall = [a / b - 1 for a, b in zip(rates["A"], rates["B"])]
     work = [b / a - 1 for a, b in zip(cpu["A"], cpu["B"])]
     med = statistics.median
-    print(f"overhead of B, wall: median of pairs {med(wall):+.1%} (pairs {min(wall):+.1%} to {max(wall):+.1%}), "
-          f"ratio of medians {med(rates['A']) / med(rates['B']) - 1:+.1%}")
-    print(f"overhead of B, CPU:  median of pairs {med(work):+.1%} (pairs {min(work):+.1%} to {max(work):+.1%}), "
-          f"ratio of medians {med(cpu['B']) / med(cpu['A']) - 1:+.1%}")
-    print(f"sampler alone (schedule + locate, no reading): {alone:.1f} CPU us/draw = "
-          f"{alone / statistics.median(cpu['A']):.2%} of A's CPU per sample")
+    print(
+        f"overhead of B, wall: median of pairs {med(wall):+.1%} (pairs {min(wall):+.1%} to {max(wall):+.1%}), "
+        f"ratio of medians {med(rates['A']) / med(rates['B']) - 1:+.1%}"
+    )
+    print(
+        f"overhead of B, CPU:  median of pairs {med(work):+.1%} (pairs {min(work):+.1%} to {max(work):+.1%}), "
+        f"ratio of medians {med(cpu['B']) / med(cpu['A']) - 1:+.1%}"
+    )
+    print(
+        f"sampler alone (schedule + locate, no reading): {alone:.1f} CPU us/draw = "
+        f"{alone / statistics.median(cpu['A']):.2%} of A's CPU per sample"
+    )
     print(f"load average after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

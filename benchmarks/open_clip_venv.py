@@ -3,8 +3,9 @@
 open_clip_train needs pandas and an old webdataset: its wheel's `training` extra pins
 webdataset<=0.2.86 (1.0, which .venv has, breaks it, and so does 0.2.111, whose end-of-shard
 markers its sample grouper cannot read). A second torch install would cost ~5.5 GB, so the venv
-holds only those two (numpy pinned to .venv's) and reaches everything else through a .pth file. A .pth line is appended to sys.path
-after the venv's own site-packages, so its webdataset shadows .venv's; `check` proves it.
+holds only those two (numpy pinned to .venv's) and reaches everything else through a .pth file.
+A .pth line is appended to sys.path after the venv's own site-packages, so its webdataset shadows
+.venv's; `check` proves it.
 """
 
 from __future__ import annotations
@@ -41,8 +42,17 @@ def create() -> None:
     # Installed before the .pth exists, so pip neither sees nor tries to replace .venv's packages.
     (site / "_main_venv.pth").unlink(missing_ok=True)
     subprocess.run(
-        [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         WEBDATASET, "pandas", f"numpy=={numpy.__version__}"],
+        [
+            str(PYTHON),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            WEBDATASET,
+            "pandas",
+            f"numpy=={numpy.__version__}",
+        ],
         check=True,
     )
     (site / "_main_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -51,7 +61,9 @@ def create() -> None:
 def _site_packages() -> str:
     out = subprocess.run(
         [str(PYTHON), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return out.stdout.strip()
 
@@ -62,10 +74,14 @@ def check() -> dict[str, str]:
         raise SystemExit(f"{VENV} does not exist; run: python benchmarks/vs_open_clip.py --setup")
     out = subprocess.run([str(PYTHON), "-c", _PROBE], capture_output=True, text=True)
     if out.returncode != 0:
-        raise SystemExit(f"{VENV} cannot import open_clip_train: {out.stderr.strip().splitlines()[-1]}; "
-                         "run: python benchmarks/vs_open_clip.py --setup")
+        raise SystemExit(
+            f"{VENV} cannot import open_clip_train: {out.stderr.strip().splitlines()[-1]}; "
+            "run: python benchmarks/vs_open_clip.py --setup"
+        )
     found = json.loads(out.stdout)
     if not found["webdataset"].startswith("0.2.") or not found["webdataset_file"].startswith(str(VENV)):
-        raise SystemExit(f"{VENV} imports webdataset {found['webdataset']} from {found['webdataset_file']}, "
-                         "not its own 0.2.x; run: python benchmarks/vs_open_clip.py --setup")
+        raise SystemExit(
+            f"{VENV} imports webdataset {found['webdataset']} from {found['webdataset_file']}, "
+            "not its own 0.2.x; run: python benchmarks/vs_open_clip.py --setup"
+        )
     return found

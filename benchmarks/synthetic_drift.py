@@ -36,7 +36,9 @@ def load_split(root: Path, split: str, year: str) -> tuple[torch.Tensor, list[st
         with tarfile.open(shard) as tar:
             for info in tar:
                 key, ext = info.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
+                member = tar.extractfile(info)
+                if member is not None:
+                    samples.setdefault(key, {})[ext] = member.read()
         for members in samples.values():
             images.append(np.asarray(Image.open(io.BytesIO(members["png"])).convert("RGB")))
             captions.append(members["txt"].decode())
@@ -44,7 +46,9 @@ def load_split(root: Path, split: str, year: str) -> tuple[torch.Tensor, list[st
     return (pixels - 0.5) / 0.25, captions
 
 
-def train(model: open_clip.CLIP, images: torch.Tensor, tokens: torch.Tensor, steps: int, batch: int, lr: float) -> float:
+def train(
+    model: open_clip.CLIP, images: torch.Tensor, tokens: torch.Tensor, steps: int, batch: int, lr: float
+) -> float:
     """AdamW + one-cycle LR on the symmetric contrastive loss; returns the last loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)

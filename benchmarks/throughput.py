@@ -20,26 +20,27 @@ import itertools
 import resource
 import statistics
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 from trainer.config import Config, accumulation_steps, load_config
-from trainer.data.loading import step_loader
+from trainer.data.loading import step_data
 from trainer.data.shards import find_years
 from trainer.distributed import DistInfo, init_distributed
 from trainer.engine import build_engine, resolve_precision
 from trainer.flops import analytic_flops, forward_flops, matmul_peak, sync
 from trainer.host import tune_cpu_process
-from trainer.loss import ContrastiveLoss
 from trainer.model import create_model
+from trainer.objectives.clip import ContrastiveLoss
 from trainer.plan import make_plan
 
 PARTS = ("data", "forward", "backward", "optimizer")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def random_batches(model: torch.nn.Module, micro: int, device: torch.device) -> Iterator[dict[str, Any]]:
+def random_batches(model: Any, micro: int, device: torch.device) -> Iterator[dict[str, Any]]:
     """The same random batch forever: the step without any data loading."""
     image = torch.randn(micro, 3, *model.visual.image_size, device=device)
     text = torch.randint(1, 1000, (micro, model.context_length), device=device)
@@ -50,8 +51,7 @@ def loader_batches(cfg: Config, dist: DistInfo, preprocess: Any, tokenizer: Any)
     """The rank's batches of the plan's first step, through the same loader a training run builds."""
     shards = find_years(cfg.data.root, "train", cfg.plan.years or None)
     plan = make_plan(cfg, {year: s.samples for year, s in shards.items()})
-    loader, _ = step_loader(cfg, dist, plan.steps[0], shards, preprocess, tokenizer)
-    return iter(loader)
+    return iter(step_data(cfg, dist, plan.steps[0], shards, preprocess, tokenizer).loader)
 
 
 def time_steps(
@@ -71,7 +71,7 @@ def time_steps(
     for _ in range(n):
         parts = dict.fromkeys(PARTS, 0.0)
 
-        def lap(part: str, since: float) -> float:
+        def lap(part: str, since: float, parts: dict[str, float] = parts) -> float:
             sync(device)  # kernels are asynchronous on CUDA: charge each part its own work
             now = time.perf_counter()
             parts[part] += now - since
@@ -159,20 +159,31 @@ def main() -> None:
     achieved = samples_per_s / dist.world_size * 3 * run
     peak = max(peak_before, peak_after)
     source = f"shards {args.data}" if args.data else "random tensors"
-    print(f"config {args.config}  model {cfg.model.name}  attention {cfg.model.attention}  zero {cfg.deepspeed.zero_stage}  "
-          f"precision {precision}  world {dist.world_size}  micro {cfg.train.micro_batch}  accum {accum}  "
-          f"threads {torch.get_num_threads()}  data {source} (workers {cfg.data.workers if args.data else 0})")
-    print(f"samples/s {samples_per_s:.1f}  step {step * 1000:.1f} ms (median of {args.steps}; "
-          f"min {min(totals) * 1000:.1f}, max {max(totals) * 1000:.1f})")
+    print(
+        f"config {args.config}  model {cfg.model.name}  attention {cfg.model.attention}  "
+        f"zero {cfg.deepspeed.zero_stage}  "
+        f"precision {precision}  world {dist.world_size}  micro {cfg.train.micro_batch}  accum {accum}  "
+        f"threads {torch.get_num_threads()}  data {source} (workers {cfg.data.workers if args.data else 0})"
+    )
+    print(
+        f"samples/s {samples_per_s:.1f}  step {step * 1000:.1f} ms (median of {args.steps}; "
+        f"min {min(totals) * 1000:.1f}, max {max(totals) * 1000:.1f})"
+    )
     print("  " + "  ".join(f"{part} {_ms([s[part] for s in steps])}" for part in PARTS))
     print(f"peak memory {memory / 2**30:.2f} GiB ({memory_what})")
-    print(f"FLOPs/sample: train {3 * forward:.3e} (3 x forward {forward:.3e}, torch counter under SDPA math); "
-          f"formula {formula.total:.3e}, attention {formula.attention / formula.total:.1%} of it")
-    print(f"text tokens per batch: {statistics.mean(lengths):.1f} of {model.context_length} (model.trim_text="
-          f"{cfg.model.trim_text}); train FLOPs/sample run {3 * run:.3e}")
-    print(f"achieved {achieved / 1e9:.1f} GFLOP/s per rank  {str(peak_dtype).removeprefix('torch.')} matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s (before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f})  "
-          f"MFU {achieved / peak:.1%}")
+    print(
+        f"FLOPs/sample: train {3 * forward:.3e} (3 x forward {forward:.3e}, torch counter under SDPA math); "
+        f"formula {formula.total:.3e}, attention {formula.attention / formula.total:.1%} of it"
+    )
+    print(
+        f"text tokens per batch: {statistics.mean(lengths):.1f} of {model.context_length} (model.trim_text="
+        f"{cfg.model.trim_text}); train FLOPs/sample run {3 * run:.3e}"
+    )
+    print(
+        f"achieved {achieved / 1e9:.1f} GFLOP/s per rank  {str(peak_dtype).removeprefix('torch.')} matmul peak "
+        f"{peak / 1e9:.1f} GFLOP/s (before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f})  "
+        f"MFU {achieved / peak:.1%}"
+    )
 
 
 if __name__ == "__main__":

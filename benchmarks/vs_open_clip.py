@@ -28,9 +28,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import open_clip_venv
 import torch
 
-import open_clip_venv
 from trainer.config import ModelConfig
 from trainer.flops import matmul_peak, train_flops
 from trainer.model import create_model
@@ -50,10 +50,28 @@ def make_shards(folder: Path, samples: int) -> list[Path]:
     year = folder / "train" / YEAR
     if not (folder / "manifest.json").exists():
         subprocess.run(
-            [sys.executable, str(REPO / "tools" / "make_shards.py"), "--synthetic", "--out", str(folder),
-             "--years", YEAR, "--samples-per-year", str(samples), "--eval-samples", str(BATCH),
-             "--image-size", "64", "--image-format", "jpg", "--workers", "1", "--no-progress"],
-            check=True, stdout=subprocess.DEVNULL,
+            [
+                sys.executable,
+                str(REPO / "tools" / "make_shards.py"),
+                "--synthetic",
+                "--out",
+                str(folder),
+                "--years",
+                YEAR,
+                "--samples-per-year",
+                str(samples),
+                "--eval-samples",
+                str(BATCH),
+                "--image-size",
+                "64",
+                "--image-format",
+                "jpg",
+                "--workers",
+                "1",
+                "--no-progress",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
     return sorted(year.glob("*.tar"))
 
@@ -71,9 +89,17 @@ def run_ours(
     run_dir = work / "ours" / name
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [
-        sys.executable, str(REPO / "launch" / "train.py"), "--config", str(CONFIG),
-        f"model.name={MODEL_JSON}", f"data.root={shards}", f"plan.years=[{YEAR}]", f"train.samples={samples}",
-        f"logging.run_dir={work / 'ours'}", f"logging.name={name}", *overrides,
+        sys.executable,
+        str(REPO / "launch" / "train.py"),
+        "--config",
+        str(CONFIG),
+        f"model.name={MODEL_JSON}",
+        f"data.root={shards}",
+        f"plan.years=[{YEAR}]",
+        f"train.samples={samples}",
+        f"logging.run_dir={work / 'ours'}",
+        f"logging.name={name}",
+        *overrides,
     ]
     _run(cmd, work / f"{name}.log", _env(threads), REPO)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -89,12 +115,44 @@ def run_theirs(work: Path, name: str, tars: list[Path], samples: int, threads: i
     cwd.mkdir(parents=True, exist_ok=True)
     first, last = tars[0].stem, tars[-1].stem
     cmd = [
-        str(open_clip_venv.PYTHON), "-c", open_clip_venv.ENTRY, str(MODEL_JSON),
-        "--model", MODEL_JSON.stem, "--device", "cpu", "--precision", "fp32",
-        "--train-data", f"{tars[0].parent}/{{{first}..{last}}}.tar", "--train-num-samples", str(samples),
-        "--dataset-type", "webdataset", "--batch-size", str(BATCH), "--epochs", "1", "--workers", "1",
-        "--lr", "1e-3", "--wd", "0.1", "--warmup", "5", "--seed", "0",
-        "--log-every-n-steps", "1", "--logs", "none", "--name", name, "--report-to", "",
+        str(open_clip_venv.PYTHON),
+        "-c",
+        open_clip_venv.ENTRY,
+        str(MODEL_JSON),
+        "--model",
+        MODEL_JSON.stem,
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--train-data",
+        f"{tars[0].parent}/{{{first}..{last}}}.tar",
+        "--train-num-samples",
+        str(samples),
+        "--dataset-type",
+        "webdataset",
+        "--batch-size",
+        str(BATCH),
+        "--epochs",
+        "1",
+        "--workers",
+        "1",
+        "--lr",
+        "1e-3",
+        "--wd",
+        "0.1",
+        "--warmup",
+        "5",
+        "--seed",
+        "0",
+        "--log-every-n-steps",
+        "1",
+        "--logs",
+        "none",
+        "--name",
+        name,
+        "--report-to",
+        "",
     ]
     out = _run(cmd, work / f"{name}.log", _env(threads), cwd)
     return [float(m.group(2)) for m in _THEIR_STEP.finditer(out)]
@@ -142,10 +200,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = create_model(ModelConfig(name=str(MODEL_JSON)))[0]
     flops = train_flops(model)
-    print(f"model {MODEL_JSON.name}  batch {BATCH}  fp32  1 process  1 data worker  threads {args.threads}  "
-          f"steps {args.steps} timed after {args.warmup}  train FLOPs/sample {flops:.3e}  "
-          f"open_clip {found['open_clip']}  webdataset (theirs) {found['webdataset']}  "
-          f"ours: {CONFIG.name} {' '.join(args.overrides)}")
+    print(
+        f"model {MODEL_JSON.name}  batch {BATCH}  fp32  1 process  1 data worker  threads {args.threads}  "
+        f"steps {args.steps} timed after {args.warmup}  train FLOPs/sample {flops:.3e}  "
+        f"open_clip {found['open_clip']}  webdataset (theirs) {found['webdataset']}  "
+        f"ours: {CONFIG.name} {' '.join(args.overrides)}"
+    )
     rates: dict[str, list[float]] = {"ours": [], "theirs": []}
     peaks: list[float] = []
     tokens: list[float] = []
@@ -156,18 +216,25 @@ def main() -> None:
             load = os.getloadavg()[0]
             if who == "ours":
                 steps, run_tokens = run_ours(args.work, name, shards, samples, args.threads, args.overrides)
-                tokens += run_tokens[args.warmup:]
+                tokens += run_tokens[args.warmup :]
             else:
                 steps = run_theirs(args.work, name, tars, samples, args.threads)
             if len(steps) != total:
                 raise SystemExit(f"{name}: logged {len(steps)} steps, expected {total}; see {args.work / name}.log")
-            timed = steps[args.warmup:]
+            timed = steps[args.warmup :]
             rates[who].append(BATCH / statistics.median(timed))
-            print(f"run {r + 1} {who:>6}: {rates[who][-1]:6.2f} samples/s  median step {statistics.median(timed) * 1000:7.1f} ms "
-                  f"(min {min(timed) * 1000:.1f}, max {max(timed) * 1000:.1f})  load avg before {load:.2f}", flush=True)
+            print(
+                f"run {r + 1} {who:>6}: {rates[who][-1]:6.2f} samples/s  "
+                f"median step {statistics.median(timed) * 1000:7.1f} ms "
+                f"(min {min(timed) * 1000:.1f}, max {max(timed) * 1000:.1f})  load avg before {load:.2f}",
+                flush=True,
+            )
         peaks.append(matmul_peak(torch.device("cpu"), torch.float32))
-        print(f"run {r + 1}  fp32 matmul peak {peaks[-1] / 1e9:.1f} GFLOP/s  ratio ours/theirs "
-              f"{rates['ours'][-1] / rates['theirs'][-1]:.3f}", flush=True)
+        print(
+            f"run {r + 1}  fp32 matmul peak {peaks[-1] / 1e9:.1f} GFLOP/s  ratio ours/theirs "
+            f"{rates['ours'][-1] / rates['theirs'][-1]:.3f}",
+            flush=True,
+        )
     peak = statistics.median(peaks)
     ours, theirs = statistics.median(rates["ours"]), statistics.median(rates["theirs"])
     ratios = [a / b for a, b in zip(rates["ours"], rates["theirs"])]
@@ -178,10 +245,14 @@ def main() -> None:
     # Ours cuts each text batch after its last EOT token (model.trim_text): count what it ran.
     length = round(statistics.median(tokens))
     ours_flops = train_flops(model, length)
-    print(f"text tokens per caption: ours {length} (median), open_clip_train {model.context_length}; train "
-          f"FLOPs/sample ours {ours_flops:.3e}, open_clip_train {flops:.3e}")
-    print(f"MFU ours {ours * ours_flops / peak:.1%}  open_clip_train {theirs * flops / peak:.1%}  "
-          f"(median samples/s x FLOPs/sample / median peak)")
+    print(
+        f"text tokens per caption: ours {length} (median), open_clip_train {model.context_length}; train "
+        f"FLOPs/sample ours {ours_flops:.3e}, open_clip_train {flops:.3e}"
+    )
+    print(
+        f"MFU ours {ours * ours_flops / peak:.1%}  open_clip_train {theirs * flops / peak:.1%}  "
+        f"(median samples/s x FLOPs/sample / median peak)"
+    )
 
 
 if __name__ == "__main__":

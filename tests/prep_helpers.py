@@ -75,8 +75,11 @@ def write_input_shards(folder: Path, uids: list[str], per_shard: int, meta: dict
                 key = f"{name}{i:04d}"
                 buffer = io.BytesIO()
                 Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(buffer, "JPEG")
-                members = {"jpg": buffer.getvalue(), "txt": f"caption {i}".encode(),
-                           "json": json.dumps({"uid": uids[i], "key": key, **meta.get(uids[i], {})}).encode()}
+                members = {
+                    "jpg": buffer.getvalue(),
+                    "txt": f"caption {i}".encode(),
+                    "json": json.dumps({"uid": uids[i], "key": key, **meta.get(uids[i], {})}).encode(),
+                }
                 if i == 4:
                     members["jpg"] = members["jpg"][:100]
                 if i == 6:

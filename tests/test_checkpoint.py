@@ -13,7 +13,7 @@ from trainer.config import load_config
 from trainer.distributed import init_distributed
 from trainer.engine import build_engine
 from trainer.model import create_model, open_clip_state_dict
-from trainer.weights import load_weights
+from trainer.weights.consolidate import load_weights
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,13 @@ def dist():
 def _engine(dist, tiny_model_json: Path, stage: int):
     cfg = load_config(
         None,
-        [f"model.name={tiny_model_json}", "data.root=/unused", "train.global_batch=2", "train.micro_batch=2",
-         f"deepspeed.zero_stage={stage}"],
+        [
+            f"model.name={tiny_model_json}",
+            "data.root=/unused",
+            "train.global_batch=2",
+            "train.micro_batch=2",
+            f"deepspeed.zero_stage={stage}",
+        ],
     )
     torch.manual_seed(0)
     model = create_model(cfg.model)[0]

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from tests.dist_helpers import clean_env
-
 from trainer.cli import train_main
 from trainer.config import Config, ConfigError, accumulation_steps, config_from_dict, load_config, validate
 
@@ -105,9 +104,19 @@ def test_missing_data_root_through_launch_script(tmp_path: Path) -> None:
     """The real entry point: a data root that does not exist is a one-line error, exit 2."""
     runs = tmp_path / "runs"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "demo.yaml"),
-         f"data.root={tmp_path / 'nope'}", f"logging.run_dir={runs}"],
-        capture_output=True, text=True, cwd=REPO, timeout=110, env=clean_env(),
+        [
+            sys.executable,
+            str(REPO / "launch" / "train.py"),
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            f"data.root={tmp_path / 'nope'}",
+            f"logging.run_dir={runs}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=110,
+        env=clean_env(),
     )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("train: error:")]

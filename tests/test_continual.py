@@ -13,10 +13,10 @@ import torch
 
 from tests.conftest import TINY_MODEL, write_year
 from tests.dist_helpers import clean_env
-from trainer.cli import user_errors
 from trainer.config import ModelConfig, load_config
 from trainer.continual import ContinualRun
 from trainer.distributed import DistInfo
+from trainer.errors import UserError
 from trainer.model import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,18 +25,30 @@ TRAIN = str(REPO / "launch" / "train.py")
 
 def _settings(root: Path, runs: Path, model: Path, name: str) -> list[str]:
     return [
-        "--config", str(REPO / "configs" / "demo.yaml"),
-        f"data.root={root}", f"model.name={model}", f"logging.run_dir={runs}", f"logging.name={name}",
-        "train.global_batch=8", "train.micro_batch=8", "train.samples=32", "data.workers=0",
-        "plan.strategy=sequential", "plan.years=[2014,2015]", "optim.warmup_steps=1",
-        "checkpoint.every_steps=0", "logging.every_steps=1", "logging.progress=false",
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        f"data.root={root}",
+        f"model.name={model}",
+        f"logging.run_dir={runs}",
+        f"logging.name={name}",
+        "train.global_batch=8",
+        "train.micro_batch=8",
+        "train.samples=32",
+        "data.workers=0",
+        "plan.strategy=sequential",
+        "plan.years=[2014,2015]",
+        "optim.warmup_steps=1",
+        "checkpoint.every_steps=0",
+        "logging.every_steps=1",
+        "logging.progress=false",
     ]
 
 
 def _train(args: list[str], log: Path) -> subprocess.CompletedProcess:
     with open(log, "w") as out:
-        return subprocess.run([sys.executable, TRAIN, *args], stdout=out, stderr=subprocess.STDOUT,
-                              env=clean_env(), cwd=REPO, timeout=300)
+        return subprocess.run(
+            [sys.executable, TRAIN, *args], stdout=out, stderr=subprocess.STDOUT, env=clean_env(), cwd=REPO, timeout=300
+        )
 
 
 def _losses(run: Path) -> dict[tuple[str, int], float]:
@@ -81,8 +93,10 @@ def test_years_and_start_from_reproduce_the_warm_started_year(base: dict[str, Pa
     expected = {k: v for k, v in _losses(full).items() if k[0] == "2015"}
     for name, source in (("from-pt", str(pt)), ("from-run", f"{full}:2014")):
         log = tmp / f"{name}.log"
-        done = _train([*_settings(base["root"], base["runs"], base["model"], name), "--years", "2015",
-                       "--start-from", source], log)
+        done = _train(
+            [*_settings(base["root"], base["runs"], base["model"], name), "--years", "2015", "--start-from", source],
+            log,
+        )
         assert done.returncode == 0, log.read_text()[-3000:]
         got = _losses(base["runs"] / name)
         assert sorted(got) == sorted(expected)
@@ -110,6 +124,6 @@ def test_bad_start_points_fail_before_anything_is_written(base: dict[str, Path],
     for i, (options, message) in enumerate(cases):
         args = _settings(base["root"], tmp_path / "runs", base["model"], f"bad-{i}")
         cfg = load_config(args[1], args[2:])
-        with pytest.raises(user_errors(), match=re.escape(message)):
+        with pytest.raises(UserError, match=re.escape(message)):
             ContinualRun(cfg, one, **options)
     assert not (tmp_path / "runs").exists()

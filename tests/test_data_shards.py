@@ -161,13 +161,15 @@ def rss(field):
             return int(line.split()[1]) / 1024
 
 import numpy, torch, fsspec
-from trainer.data import find_years, split_quotas, RehearsalSampler
+from trainer.data.rehearsal import RehearsalSampler
+from trainer.plan import apportion
+from trainer.data.shards import find_years
 from trainer.data.pipeline import StreamDataset
 base = rss("VmRSS")
 t = time.perf_counter()
 years = find_years(sys.argv[1])
 world, workers, total = 512, 8, 90112 * 20500
-quotas = split_quotas({y: s.samples for y, s in years.items()}, total, multiple=world * workers)
+quotas = apportion(total, {y: s.samples for y, s in years.items()}, multiple=world * workers)
 sampler = RehearsalSampler(years, quotas, seed=0, world=world, workers=workers)
 first = list(islice(sampler.stream(4095), 2048))
 start = time.perf_counter() - t
@@ -191,7 +193,11 @@ def test_tic_scale_shard_list_starts_fast_and_small(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(SCALE_SCRIPT), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=110, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=True,
     )
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["shards"] == 9 * per_year >= 1_300_000

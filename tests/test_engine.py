@@ -13,8 +13,9 @@ from trainer.config import load_config
 from trainer.distributed import init_distributed
 from trainer.engine import build_engine, deepspeed_config, lr_factor, param_groups
 from trainer.loop import accumulate_features, accumulate_gradients
-from trainer.loss import ContrastiveLoss
 from trainer.model import create_model
+from trainer.objectives import build_objective
+from trainer.objectives.clip import ContrastiveLoss
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,13 @@ def dist():
 def _cfg(tiny_model_json: Path, *overrides: str):
     return load_config(
         None,
-        [f"model.name={tiny_model_json}", "data.root=/unused", "train.global_batch=4", "train.micro_batch=4",
-         *overrides],
+        [
+            f"model.name={tiny_model_json}",
+            "data.root=/unused",
+            "train.global_batch=4",
+            "train.micro_batch=4",
+            *overrides,
+        ],
     )
 
 
@@ -56,8 +62,13 @@ def test_lr_schedule_warmup_then_cosine() -> None:
 
 def test_deepspeed_config_from_ours(tiny_model_json: Path) -> None:
     cfg = _cfg(
-        tiny_model_json, "train.global_batch=32", "train.micro_batch=4", "optim.grad_clip=1.0",
-        "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu", "deepspeed.offload_param=cpu",
+        tiny_model_json,
+        "train.global_batch=32",
+        "train.micro_batch=4",
+        "optim.grad_clip=1.0",
+        "deepspeed.zero_stage=3",
+        "deepspeed.offload_optimizer=cpu",
+        "deepspeed.offload_param=cpu",
         "deepspeed.extra={zero_optimization: {overlap_comm: true}}",
     )
     ds = deepspeed_config(cfg, world_size=2, accum_steps=4, device=torch.device("cpu"))
@@ -134,9 +145,10 @@ def _accumulation_run(dist, tiny_model_json: Path, micro: int, mode: str) -> tup
     engine = build_engine(model, cfg, dist, accum_steps=accum, total_steps=3, warmup=0)
     g = torch.Generator().manual_seed(3)
     image, text = torch.randn(8, 3, 32, 32, generator=g), torch.randint(1, 400, (8, 16), generator=g)
-    batches = [{"image": image[i:i + micro], "text": text[i:i + micro]} for i in range(0, 8, micro)]
+    batches = [{"image": image[i : i + micro], "text": text[i : i + micro]} for i in range(0, 8, micro)]
     step = accumulate_features if mode == "features" else accumulate_gradients
-    losses = [step(engine, batches, ContrastiveLoss(0, 1), torch.device("cpu")) for _ in range(3)]
+    objective = build_objective(cfg, dist)
+    losses = [step(engine, batches, objective, torch.device("cpu"))[0] for _ in range(3)]
     return losses, {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
 
@@ -163,7 +175,8 @@ def test_bf16_engine_trains_on_fp32_batches(dist, tiny_model_json: Path, stage: 
     engine = build_engine(model, cfg, dist, accum_steps=1, total_steps=2, warmup=0)
     assert engine.module.visual.conv1.weight.dtype == torch.bfloat16
     batch = {"image": torch.randn(4, 3, 32, 32), "text": torch.randint(1, 400, (4, 16))}
-    losses = [accumulate_gradients(engine, [batch], ContrastiveLoss(0, 1), torch.device("cpu")) for _ in range(2)]
+    objective = build_objective(cfg, dist)
+    losses = [accumulate_gradients(engine, [batch], objective, torch.device("cpu"))[0] for _ in range(2)]
     assert all(math.isfinite(x) for x in losses) and losses[1] < losses[0]
 
 

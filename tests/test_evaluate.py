@@ -23,12 +23,13 @@ from trainer.config import ModelConfig, load_config, save_config
 from trainer.data.shards import iter_samples, open_shard
 from trainer.distributed import init_distributed
 from trainer.eval.data import load_classes, rank_block
-from trainer.eval.matrix import CheckpointRef, Matrix, read_matrix, relation, transfer_summary
+from trainer.eval.evaluator import EvalOptions, Evaluator, log_record
+from trainer.eval.matrix import CheckpointRef, Matrix, relation, transfer_summary
 from trainer.eval.metrics import first_hit_rank, recall, retrieval_hits, zeroshot_counts, zeroshot_metrics
 from trainer.eval.plots import compare_figure, heatmap
-from trainer.evaluate import EvalOptions, Evaluator, log_record
-from trainer.export import read_open_clip_checkpoint
+from trainer.eval.report import read_matrix
 from trainer.model import create_model
+from trainer.weights.open_clip import read_open_clip_checkpoint
 
 TEMPLATES = ["a photo of something {}.", "{} things"]
 
@@ -36,12 +37,14 @@ TEMPLATES = ["a photo of something {}.", "{} things"]
 # ---------------------------------------------------------------- metrics by hand
 
 # Queries x candidates. Items 0 and 2 share a caption (group 0); ties are broken by candidate index.
-SCORES = torch.tensor([
-    [0.9, 0.1, 0.9, 0.0],  # own pair 0 ties with 2 and wins (lower index): strict rank 0, caption rank 0
-    [0.5, 0.2, 0.1, 0.7],  # own pair 1 behind 0 and 3: rank 2 either way
-    [0.9, 0.3, 0.9, 0.2],  # own pair 2 ties with 0, which goes first: strict rank 1; 0 has its caption: rank 0
-    [0.4, 0.4, 0.8, 0.4],  # own pair 3 behind 2 and the tied 0, 1: rank 3 either way
-])
+SCORES = torch.tensor(
+    [
+        [0.9, 0.1, 0.9, 0.0],  # own pair 0 ties with 2 and wins (lower index): strict rank 0, caption rank 0
+        [0.5, 0.2, 0.1, 0.7],  # own pair 1 behind 0 and 3: rank 2 either way
+        [0.9, 0.3, 0.9, 0.2],  # own pair 2 ties with 0, which goes first: strict rank 1; 0 has its caption: rank 0
+        [0.4, 0.4, 0.8, 0.4],  # own pair 3 behind 2 and the tied 0, 1: rank 3 either way
+    ]
+)
 GROUPS = torch.tensor([0, 1, 0, 2])
 
 
@@ -76,13 +79,15 @@ def test_recall_both_directions_with_duplicate_captions():
 
 @pytest.mark.timeout(10)
 def test_zeroshot_top1_top5_balanced_by_hand():
-    logits = torch.tensor([
-        [0.9, 0.1, 0.0],  # label 0: right
-        [0.2, 0.2, 0.1],  # label 0: tied with 1, the lower index wins: right
-        [0.5, 0.5, 0.0],  # label 1: tied with 0, which wins: wrong at top-1
-        [0.1, 0.3, 0.2],  # label 2: wrong at top-1
-        [0.0, 0.0, 0.6],  # label 2: right
-    ])
+    logits = torch.tensor(
+        [
+            [0.9, 0.1, 0.0],  # label 0: right
+            [0.2, 0.2, 0.1],  # label 0: tied with 1, the lower index wins: right
+            [0.5, 0.5, 0.0],  # label 1: tied with 0, which wins: wrong at top-1
+            [0.1, 0.3, 0.2],  # label 2: wrong at top-1
+            [0.0, 0.0, 0.6],  # label 2: right
+        ]
+    )
     labels = torch.tensor([0, 0, 1, 2, 2])
     m = zeroshot_metrics(zeroshot_counts(logits, labels, 3), 3)
     assert m == pytest.approx({"zs_top1": 3 / 5, "zs_top5": 1.0, "zs_balanced": (2 / 2 + 0 / 1 + 1 / 2) / 3})
@@ -106,10 +111,14 @@ def test_rank_blocks_are_whole_batches_covering_every_position_once():
 
 # ---------------------------------------------------------------- summaries by hand
 
+
 def _hand_matrix() -> Matrix:
     """First step trained on 2014-2016, then one year per step; cell value = row + column / 10."""
-    refs = [CheckpointRef("2016", ("2014", "2015", "2016"), "a", "pt"), CheckpointRef("2017", ("2017",), "b", "pt"),
-            CheckpointRef("2018", ("2018",), "c", "pt")]
+    refs = [
+        CheckpointRef("2016", ("2014", "2015", "2016"), "a", "pt"),
+        CheckpointRef("2017", ("2017",), "b", "pt"),
+        CheckpointRef("2018", ("2018",), "c", "pt"),
+    ]
     years = ["2014", "2015", "2016", "2017", "2018"]
     results = {r.name: {y: {"mean_R1": i + j / 10} for j, y in enumerate(years)} for i, r in enumerate(refs)}
     results["2018"]["2015"] = {}  # not measured: left out of every mean
@@ -125,20 +134,31 @@ def test_in_domain_backward_forward_by_hand():
     assert s["in_domain"] == pytest.approx((0.0 + 0.1 + 0.2 + 1.3 + 2.4) / 5)
     assert s["backward"] == pytest.approx((1.0 + 1.1 + 1.2 + 2.0 + 2.2 + 2.3) / 6)
     assert s["forward"] == pytest.approx((0.3 + 0.4 + 1.4) / 3)
-    assert s["mean"] == pytest.approx((0 + .1 + .2 + .3 + .4 + 1 + 1.1 + 1.2 + 1.3 + 1.4 + 2 + 2.2 + 2.3 + 2.4) / 14)
-    assert s["checkpoints"]["2016"] == pytest.approx({"in_domain": 0.1, "backward": None, "forward": 0.35,
-                                                      "mean": 0.2})
+    assert s["mean"] == pytest.approx(
+        (0 + 0.1 + 0.2 + 0.3 + 0.4 + 1 + 1.1 + 1.2 + 1.3 + 1.4 + 2 + 2.2 + 2.3 + 2.4) / 14
+    )
+    assert s["checkpoints"]["2016"] == pytest.approx({"in_domain": 0.1, "backward": None, "forward": 0.35, "mean": 0.2})
     assert s["checkpoints"]["2018"]["backward"] == pytest.approx((2.0 + 2.2 + 2.3) / 3)
     assert relation("2015", ("2014", "2016")) is None and relation("all", ("2016",)) is None
     assert relation("201603", ("201602",)) == "forward" and relation("2016", ()) is None
     assert transfer_summary({"2014": 0.5, "2015": 0.25}, ["2015"]) == {
-        "in_domain": 0.25, "backward": 0.5, "forward": None, "mean": 0.375}
+        "in_domain": 0.25,
+        "backward": 0.5,
+        "forward": None,
+        "mean": 0.375,
+    }
     record = log_record({"2014": {"mean_R1": 0.5}, "2015": {"mean_R1": 0.25}}, ["2015"])
-    assert record == {"2014/mean_R1": 0.5, "2015/mean_R1": 0.25, "in_domain/mean_R1": 0.25,
-                      "backward/mean_R1": 0.5, "mean/mean_R1": 0.375}
+    assert record == {
+        "2014/mean_R1": 0.5,
+        "2015/mean_R1": 0.25,
+        "in_domain/mean_R1": 0.25,
+        "backward/mean_R1": 0.5,
+        "mean/mean_R1": 0.375,
+    }
 
 
 # ---------------------------------------------------------------- figures
+
 
 @pytest.mark.timeout(30)
 def test_heatmap_has_year_ticks_colour_bar_and_a_value_per_cell(tmp_path):
@@ -162,6 +182,7 @@ def test_heatmap_has_year_ticks_colour_bar_and_a_value_per_cell(tmp_path):
 
 # ---------------------------------------------------------------- real shards, ranks, brute force
 
+
 def _eval_data(root: Path) -> Path:
     """Eval years 2014 and 2015: 21 samples in shards of 8; one corrupt image, one sample listed but missing."""
     write_year(root, "2014", n=21, per_shard=8, split="eval")
@@ -176,14 +197,14 @@ def _eval_data(root: Path) -> Path:
 def _weights(model_json: Path, seed: int, path: Path) -> Path:
     torch.manual_seed(seed)
     model = create_model(ModelConfig(name=str(model_json)))[0]
-    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 1,
-                "name": "tiny"}, path)
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 1, "name": "tiny"}, path
+    )
     return path
 
 
 def _rank_eval(rank: int, world: int, root: str, model_json: str, weights: str, out: str) -> None:
-    evaluator = Evaluator(ModelConfig(name=model_json), root, None, EvalOptions(batch_size=4),
-                          init_distributed("gloo"))
+    evaluator = Evaluator(ModelConfig(name=model_json), root, None, EvalOptions(batch_size=4), init_distributed("gloo"))
     results = evaluator.evaluate(read_open_clip_checkpoint(Path(weights)))
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
 
@@ -207,16 +228,19 @@ def _brute_force(root: Path, year: str, model_json: Path, weights: dict) -> dict
     with torch.inference_mode():
         img = torch.cat([F.normalize(model.encode_image(x[None]), dim=-1) for x in images])
         txt = torch.cat([F.normalize(model.encode_text(tokenizer([c])), dim=-1) for c in captions])
-        prompts = torch.cat([F.normalize(model.encode_text(tokenizer([t.replace("{}", c)])), dim=-1)
-                             for c in COLORS for t in TEMPLATES])
+        prompts = torch.cat(
+            [F.normalize(model.encode_text(tokenizer([t.replace("{}", c)])), dim=-1) for c in COLORS for t in TEMPLATES]
+        )
     classes = F.normalize(prompts.view(len(COLORS), len(TEMPLATES), -1).mean(1), dim=-1)
     n = len(images)
     out = {}
     for name, q, c in (("i2t", img, txt), ("t2i", txt, img)):
         scores = (q @ c.T).numpy()
         for prefix, match in (("", lambda i, j: captions[i] == captions[j]), ("strict_", lambda i, j: i == j)):
-            ranks = [next(p for p, j in enumerate(sorted(range(n), key=lambda j: (-scores[i, j], j))) if match(i, j))
-                     for i in range(n)]
+            ranks = [
+                next(p for p, j in enumerate(sorted(range(n), key=lambda j: (-scores[i, j], j))) if match(i, j))
+                for i in range(n)
+            ]
             for k in (1, 5, 10):
                 out[f"{prefix}{name}_R{k}"] = sum(r < k for r in ranks) / n
     logits = (img @ classes.T).numpy()
@@ -243,8 +267,9 @@ def test_two_ranks_equal_one_rank_equal_brute_force(tmp_path, tiny_model_json, m
     real_open = trainer.eval.data.open_shard
     monkeypatch.setattr(trainer.eval.data, "open_shard", lambda url: opened.append(url) or real_open(url))
     weights = read_open_clip_checkpoint(weights_path)
-    evaluator = Evaluator(ModelConfig(name=str(tiny_model_json)), str(root), None, EvalOptions(batch_size=4),
-                          init_distributed("gloo"))
+    evaluator = Evaluator(
+        ModelConfig(name=str(tiny_model_json)), str(root), None, EvalOptions(batch_size=4), init_distributed("gloo")
+    )
     one = evaluator.evaluate(weights)
     assert one == two[0]
     assert one["2014"]["samples"] == 21 and one["2014"]["skipped"] == 1  # listed in sizes.json, not in the tar
@@ -256,8 +281,13 @@ def test_two_ranks_equal_one_rank_equal_brute_force(tmp_path, tiny_model_json, m
     # Decoded images are cached: a second checkpoint reads no shard; without a cache it re-reads them.
     assert len(opened) == 6
     assert evaluator.evaluate(weights) == one and len(opened) == 6
-    uncached = Evaluator(ModelConfig(name=str(tiny_model_json)), str(root), ["2015"],
-                         EvalOptions(batch_size=4, cache_mb=0, tasks=("retrieval",)), init_distributed("gloo"))
+    uncached = Evaluator(
+        ModelConfig(name=str(tiny_model_json)),
+        str(root),
+        ["2015"],
+        EvalOptions(batch_size=4, cache_mb=0, tasks=("retrieval",)),
+        init_distributed("gloo"),
+    )
     first = uncached.evaluate(weights)
     assert uncached.evaluate(weights) == first and len(opened) == 12
     assert set(first["2015"]) == {k for k in one["2015"] if not k.startswith("zs_")}
@@ -270,6 +300,7 @@ def test_two_ranks_equal_one_rank_equal_brute_force(tmp_path, tiny_model_json, m
 
 # ---------------------------------------------------------------- the CLI and the matrix
 
+
 def _three_years(root: Path) -> Path:
     for year in ("2014", "2015", "2016"):
         write_year(root, year, n=12, per_shard=5, split="eval")
@@ -280,11 +311,26 @@ def _three_years(root: Path) -> Path:
 @pytest.mark.timeout(120)
 def test_cli_builds_the_matrix_of_three_pt_checkpoints(tmp_path, tiny_model_json, capsys):
     root = _three_years(tmp_path / "data")
-    files = [str(_weights(tiny_model_json, seed, tmp_path / f"ckpt_{year}.pt"))
-             for seed, year in enumerate(("2014", "2015", "2016"))]
+    files = [
+        str(_weights(tiny_model_json, seed, tmp_path / f"ckpt_{year}.pt"))
+        for seed, year in enumerate(("2014", "2015", "2016"))
+    ]
     out = tmp_path / "eval"
-    argv = ["--checkpoints", *files, "--model", str(tiny_model_json), "--data", str(root), "--out", str(out),
-            "--batch-size", "8", "--heatmaps", "mean_R1", "zs_top1"]
+    argv = [
+        "--checkpoints",
+        *files,
+        "--model",
+        str(tiny_model_json),
+        "--data",
+        str(root),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--heatmaps",
+        "mean_R1",
+        "zs_top1",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "ID    BWT    FWT   mean" in printed and "mean_R1 (%)" in printed and "zs_top1 (%)" in printed
@@ -296,8 +342,9 @@ def test_cli_builds_the_matrix_of_three_pt_checkpoints(tmp_path, tiny_model_json
     assert s["backward"] == pytest.approx((g[1][0] + g[2][0] + g[2][1]) / 3)
     assert s["forward"] == pytest.approx((g[0][1] + g[0][2] + g[1][2]) / 3)
     assert s["mean"] == pytest.approx(sum(map(sum, g)) / 9)
-    assert s["checkpoints"]["2015"] == pytest.approx({"in_domain": g[1][1], "backward": g[1][0],
-                                                      "forward": g[1][2], "mean": sum(g[1]) / 3})
+    assert s["checkpoints"]["2015"] == pytest.approx(
+        {"in_domain": g[1][1], "backward": g[1][0], "forward": g[1][2], "mean": sum(g[1]) / 3}
+    )
     assert len({tuple(row) for row in g}) == 3  # three different models
     meta = json.loads((out / "matrix.json").read_text())
     assert "position-based" in meta["metrics"]["strict_i2t_R1"] and "caption" in meta["metrics"]["i2t_R1"]
@@ -309,14 +356,20 @@ def test_cli_builds_the_matrix_of_three_pt_checkpoints(tmp_path, tiny_model_json
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("argv, message", [
-    (["--run", "{tmp}/nope"], "not a run folder"),
-    (["--checkpoints", "{tmp}/bad.pt", "--data", "{tmp}"], "--model: needed"),
-    (["--checkpoints", "{tmp}/bad.pt", "--model", "{model}", "--data", "{tmp}"], "not a loadable open_clip checkpoint"),
-    (["--checkpoints", "{tmp}/bad.pt", "--model", "{model}", "--data", "{tmp}", "--years", "1999"], "no year 1999"),
-    (["--compare", "{tmp}/a", "--run", "{tmp}/b"], "--compare takes run folders only"),
-    (["--run", "{tmp}/r", "--heatmaps", "R1"], "--heatmaps: unknown metric R1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--run", "{tmp}/nope"], "not a run folder"),
+        (["--checkpoints", "{tmp}/bad.pt", "--data", "{tmp}"], "--model: needed"),
+        (
+            ["--checkpoints", "{tmp}/bad.pt", "--model", "{model}", "--data", "{tmp}"],
+            "not a loadable open_clip checkpoint",
+        ),
+        (["--checkpoints", "{tmp}/bad.pt", "--model", "{model}", "--data", "{tmp}", "--years", "1999"], "no year 1999"),
+        (["--compare", "{tmp}/a", "--run", "{tmp}/b"], "--compare takes run folders only"),
+        (["--run", "{tmp}/r", "--heatmaps", "R1"], "--heatmaps: unknown metric R1"),
+    ],
+)
 def test_cli_user_errors_are_one_line_exit_2(tmp_path, tiny_model_json, capsys, argv, message):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     write_year(tmp_path, "2014", n=2, per_shard=2, split="eval")
@@ -332,8 +385,17 @@ def _deepspeed_run(run: Path, data: Path, model_json: Path) -> None:
     from trainer.engine import build_engine
 
     dist = init_distributed("gloo")
-    cfg = load_config(None, [f"model.name={model_json}", f"data.root={data}", "train.global_batch=2",
-                             "train.micro_batch=2", "deepspeed.zero_stage=0", f"logging.name={run.name}"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={model_json}",
+            f"data.root={data}",
+            "train.global_batch=2",
+            "train.micro_batch=2",
+            "deepspeed.zero_stage=0",
+            f"logging.name={run.name}",
+        ],
+    )
     run.mkdir(parents=True)
     save_config(cfg, run / "config.yaml")
     steps = [{"tag": "2015", "new_years": ["2014", "2015"]}, {"tag": "2016", "new_years": ["2016"]}]
@@ -369,8 +431,22 @@ def test_cli_on_a_deepspeed_run_and_compare(tmp_path, tiny_model_json, capsys):
     shutil.copytree(run, tmp_path / "runs" / "copy", ignore=shutil.ignore_patterns("eval"))
     before = (run / "eval" / "matrix.json").stat().st_mtime_ns
     capsys.readouterr()
-    assert main(["--compare", str(run), str(tmp_path / "runs" / "copy"), "--samples", "10", "--tasks", "retrieval",
-                 "--heatmaps", "mean_R1"]) == 0
+    assert (
+        main(
+            [
+                "--compare",
+                str(run),
+                str(tmp_path / "runs" / "copy"),
+                "--samples",
+                "10",
+                "--tasks",
+                "retrieval",
+                "--heatmaps",
+                "mean_R1",
+            ]
+        )
+        == 0
+    )
     assert (run / "eval" / "matrix.json").stat().st_mtime_ns == before
     copy = read_matrix(tmp_path / "runs" / "copy" / "eval" / "matrix.json")
     assert copy.results == m.results  # same weights, same numbers

@@ -15,8 +15,8 @@ from trainer import checkpoint as ckpt
 from trainer.config import load_config, save_config
 from trainer.distributed import init_distributed
 from trainer.engine import build_engine
-from trainer.export import check_fits, read_open_clip_checkpoint
 from trainer.model import ModelError, create_model
+from trainer.weights.open_clip import check_fits, read_open_clip_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,15 @@ def trained_run(dist, tiny_model_json: Path, tmp_path_factory):
     run.mkdir()
     cfg = load_config(
         None,
-        [f"model.name={tiny_model_json}", "data.root=/unused", "train.global_batch=4", "train.micro_batch=4",
-         "deepspeed.zero_stage=3", "logging.name=tiny", "optim.lr=0.05"],
+        [
+            f"model.name={tiny_model_json}",
+            "data.root=/unused",
+            "train.global_batch=4",
+            "train.micro_batch=4",
+            "deepspeed.zero_stage=3",
+            "logging.name=tiny",
+            "optim.lr=0.05",
+        ],
     )
     save_config(cfg, run / "config.yaml")
     torch.manual_seed(0)
@@ -45,8 +52,15 @@ def trained_run(dist, tiny_model_json: Path, tmp_path_factory):
         out = engine(image=torch.randn(4, 3, 32, 32), text=torch.randint(1, 400, (4, 16)))
         engine.backward((out["image_features"] * out["text_features"]).sum())
         engine.step()
-    ckpt.save(engine, run / "checkpoints", "year-2014", {"plan_step": 0, "year_complete": True, "global_step": 3},
-              dist, min_free_gb=0, keep_last=2)
+    ckpt.save(
+        engine,
+        run / "checkpoints",
+        "year-2014",
+        {"plan_step": 0, "year_complete": True, "global_step": 3},
+        dist,
+        min_free_gb=0,
+        keep_last=2,
+    )
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         reference = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
     return run, reference
@@ -86,7 +100,9 @@ def test_export_local_dir_needs_no_registration(trained_run, tmp_path: Path) -> 
     theirs, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     assert theirs.visual.image_size == (32, 32)
     sd = theirs.state_dict()
-    assert all(torch.allclose(sd[k].float(), reference[k].float().reshape(sd[k].shape)) for k in sd if k != "logit_scale")
+    assert all(
+        torch.allclose(sd[k].float(), reference[k].float().reshape(sd[k].shape)) for k in sd if k != "logit_scale"
+    )
 
 
 @pytest.mark.timeout(60)

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TINY_MODEL
 from trainer.config import ModelConfig
 from trainer.flops import analytic_flops, forward_flops, train_flops
 from trainer.model import create_model
-
-from tests.conftest import TINY_MODEL
 
 
 @pytest.mark.timeout(60)

@@ -24,11 +24,12 @@ from trainer.config import Config, ModelConfig, load_config
 from trainer.data.pipeline import StreamDataset, build_loader
 from trainer.data.rehearsal import RehearsalSampler
 from trainer.data.shards import find_years
-from trainer.distributed import all_reduce_sum, broadcast_object, init_distributed, sum_counts
+from trainer.distributed import DistInfo, all_reduce_sum, broadcast_object, init_distributed, sum_counts
 from trainer.engine import build_engine
 from trainer.loop import accumulate_gradients
-from trainer.loss import ContrastiveLoss
 from trainer.model import create_model
+from trainer.objectives import build_objective
+from trainer.objectives.clip import ContrastiveLoss
 
 pytestmark = pytest.mark.gpu
 
@@ -53,8 +54,15 @@ OPTIMIZERS = {
 def _cfg(model_json: str, world: int, *overrides: str) -> Config:
     return load_config(
         None,
-        [f"model.name={model_json}", "data.root=/unused", f"train.global_batch={GLOBAL}",
-         f"train.micro_batch={GLOBAL // world}", "optim.lr=5e-4", "optim.schedule=const", *overrides],
+        [
+            f"model.name={model_json}",
+            "data.root=/unused",
+            f"train.global_batch={GLOBAL}",
+            f"train.micro_batch={GLOBAL // world}",
+            "optim.lr=5e-4",
+            "optim.schedule=const",
+            *overrides,
+        ],
     )
 
 
@@ -87,8 +95,8 @@ def _train_rank(rank: int, world: int, model_json: str, out: str, *overrides: st
     images, text = _global_batch()
     rows = slice(rank * cfg.train.micro_batch, (rank + 1) * cfg.train.micro_batch)
     batch = {"image": images[rows].pin_memory(), "text": text[rows].pin_memory()}
-    loss_fn = ContrastiveLoss(info.rank, info.world_size)
-    losses = [accumulate_gradients(engine, [batch], loss_fn, info.device) for _ in range(STEPS)]
+    objective = build_objective(cfg, info)
+    losses = [accumulate_gradients(engine, [batch], objective, info.device)[0] for _ in range(STEPS)]
     param = next(engine.module.parameters())
     facts = {
         "losses": losses,
@@ -191,9 +199,14 @@ def test_loader_pins_batches_and_the_loop_copies_them_to_the_gpu(tmp_path: Path)
     write_year(tmp_path, "2014", 16, per_shard=8)
     sampler = RehearsalSampler(find_years(str(tmp_path), years=["2014"]), {"2014": 16}, seed=0, world=1, workers=1)
     dataset = StreamDataset(
-        sampler, rank=0, world=1, workers=1, micro_batch=4,
+        sampler,
+        rank=0,
+        world=1,
+        workers=1,
+        micro_batch=4,
         preprocess=open_clip.image_transform(32, is_train=True),
-        tokenizer=open_clip.get_tokenizer("ViT-B-32", context_length=CTX), seed=0,
+        tokenizer=open_clip.get_tokenizer("ViT-B-32", context_length=CTX),
+        seed=0,
     )
     loader = build_loader(dataset)
     assert loader.pin_memory
@@ -202,7 +215,8 @@ def test_loader_pins_batches_and_the_loop_copies_them_to_the_gpu(tmp_path: Path)
     assert all(b["image"].is_pinned() and b["text"].is_pinned() for b in batches)
     device = torch.device("cuda", torch.cuda.current_device())
     engine = _RecordingEngine(device)
-    accumulate_gradients(engine, batches, ContrastiveLoss(0, 1), device)
+    clip = build_objective(load_config(None, ["data.root=unused"]), DistInfo(0, 1, 0, device, "nccl"))
+    accumulate_gradients(engine, batches, clip, device)
     assert [(i.device, t.device) for i, t in engine.inputs] == [(device, device)] * len(batches)
     for (image, text), batch in zip(engine.inputs, batches):  # the non_blocking copies landed whole
         assert torch.equal(image.cpu(), batch["image"]) and torch.equal(text.cpu(), batch["text"])
@@ -265,8 +279,15 @@ def test_two_nccl_ranks_equal_one(tmp_path: Path, tiny_model_json: Path) -> None
     for world in (1, 2):
         out = tmp_path / f"world{world}"
         out.mkdir()
-        run_ranks(_train_rank, world, str(tiny_model_json), str(out), "model.precision=bf16",
-                  "deepspeed.zero_stage=2", backend="nccl")
+        run_ranks(
+            _train_rank,
+            world,
+            str(tiny_model_json),
+            str(out),
+            "model.precision=bf16",
+            "deepspeed.zero_stage=2",
+            backend="nccl",
+        )
         runs[world] = _read(out, world)
     first, second = runs[2]
     assert first["losses"] == pytest.approx(second["losses"], rel=1e-6)  # every rank sees the whole batch

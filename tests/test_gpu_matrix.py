@@ -76,8 +76,12 @@ def test_without_cuda_it_exits_2_with_one_line(tmp_path: Path) -> None:
 def test_matrix_runs_every_combination_and_writes_the_table(tmp_path: Path) -> None:
     env = dict(clean_env(), PYTHON=str(_fake_gpu_bin(tmp_path / "bin")))
     out = tmp_path / "matrix.md"
-    done = subprocess.run(["bash", str(SCRIPT), str(out), "--steps", "5", "--", "model.precision=bf16"],
-                          env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        ["bash", str(SCRIPT), str(out), "--steps", "5", "--", "model.precision=bf16"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 1, done.stderr  # the run that ran out of memory
     lines = out.read_text().splitlines()
     assert lines[0].startswith("## GPU matrix: tic_debug.yaml, micro-batch 128 per GPU, 2 x Fake GPU, 5 timed steps")
@@ -87,8 +91,15 @@ def test_matrix_runs_every_combination_and_writes_the_table(tmp_path: Path) -> N
     assert rows[0][3:] == ["?", "failed: out of memory", "", "", ""]
     assert all(r[3:] == ["bf16", "123.4", "5.6", "3.21 GiB", "41.0%"] for r in rows[1:])
     args = (tmp_path / "matrix.md.logs" / "sdpa_zero3_ckpt-on.log").read_text().splitlines()[0]
-    for expected in ("--steps 5", "model.attention=sdpa", "deepspeed.zero_stage=3", "model.grad_checkpointing=true",
-                     "train.micro_batch=128", "train.global_batch=256", "model.precision=bf16"):
+    for expected in (
+        "--steps 5",
+        "model.attention=sdpa",
+        "deepspeed.zero_stage=3",
+        "model.grad_checkpointing=true",
+        "train.micro_batch=128",
+        "train.global_batch=256",
+        "model.precision=bf16",
+    ):
         assert expected in args
 
 
@@ -98,8 +109,19 @@ def test_labels_match_the_real_throughput_output(tmp_path: Path) -> None:
     """The labels gpu_matrix.sh reads, in what benchmarks/throughput.py prints today (CPU run)."""
     model = tmp_path / "tiny-vit.json"
     model.write_text(json.dumps(TINY_MODEL))
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
-           "--steps", "2", "--warmup", "1", f"model.name={model}", "train.global_batch=8", "train.micro_batch=8"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "throughput.py"),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        f"model.name={model}",
+        "train.global_batch=8",
+        "train.micro_batch=8",
+    ]
     done = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     found = _matrix_table().figures(done.stdout)

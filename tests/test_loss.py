@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.dist_helpers import run_ranks
-from trainer.loss import ContrastiveLoss
+from trainer.objectives.clip import ContrastiveLoss
 
 
 def _batch(n: int = 8, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,10 +26,10 @@ from PIL import Image
 
 from tests.prep_helpers import dataset, make_images, tree, truncate, uid_pairs, write_input_shards
 from tools.make_shards import main as make_shards_main
-from trainer.data import synthetic
-from trainer.data.prepare import pack_tasks
-from trainer.data.records import eval_draw
-from trainer.data.sources import parse_when
+from trainer.prep import synthetic
+from trainer.prep.manifests import parse_when
+from trainer.prep.prepare import pack_tasks
+from trainer.prep.records import eval_draw
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_shards.py"
 
@@ -46,18 +46,36 @@ def test_parquet_manifest_resizes_filters_years_and_splits_by_uid(tmp_path, caps
     names = make_images(tmp_path / "pics", 30)
     uids = [f"{i:032x}" for i in range(30)]
     years = [2014 + i % 3 for i in range(30)]
-    table = pa.table({
-        "filepath": [f"pics/{n}" for n in names],
-        "text": [f"picture number {i}" for i in range(30)],
-        "date": [datetime(y, 1 + i % 12, 3, 12, tzinfo=timezone.utc) for i, y in enumerate(years)],
-        "uid": uids,
-        "label": [i % 4 for i in range(30)],
-    })
+    table = pa.table(
+        {
+            "filepath": [f"pics/{n}" for n in names],
+            "text": [f"picture number {i}" for i in range(30)],
+            "date": [datetime(y, 1 + i % 12, 3, 12, tzinfo=timezone.utc) for i, y in enumerate(years)],
+            "uid": uids,
+            "label": [i % 4 for i in range(30)],
+        }
+    )
     pq.write_table(table, tmp_path / "m.parquet")
     out = tmp_path / "out"
-    code, stdout, err = run(capsys, "--manifest", tmp_path / "m.parquet", "--out", out, "--years", "2014-2015",
-                            "--eval-frac", "0.3", "--class-col", "label", "--image-size", "16",
-                            "--image-format", "png", "--workers", "2")
+    code, stdout, err = run(
+        capsys,
+        "--manifest",
+        tmp_path / "m.parquet",
+        "--out",
+        out,
+        "--years",
+        "2014-2015",
+        "--eval-frac",
+        "0.3",
+        "--class-col",
+        "label",
+        "--image-size",
+        "16",
+        "--image-format",
+        "png",
+        "--workers",
+        "2",
+    )
     assert (code, err) == (0, ""), err
     data = dataset(out)
     kept = [i for i in range(30) if years[i] != 2016]
@@ -144,16 +162,29 @@ def test_existing_shards_get_years_from_table_lists_or_json(tmp_path, capsys, ye
     assert manifest["skipped"] == {"corrupt_image": 1, "missing_caption": 1, unlisted: 3}
     assert manifest["seen"] == 24 and manifest["years"] == ["2014", "2015"]
     written = {key: (split, int(year)) for split, years in data.items() for year, keys in years.items() for key in keys}
-    expected = {u: ("eval" if eval_draw(u) < 0.25 else "train", y) for u, y in year_of.items()
-                if u not in (uids[4], uids[6])}
+    expected = {
+        u: ("eval" if eval_draw(u) < 0.25 else "train", y) for u, y in year_of.items() if u not in (uids[4], uids[6])
+    }
     assert written == expected
     some = data["train"]["2014"][next(iter(data["train"]["2014"]))]
     assert set(some) == {"jpg", "txt", "json"} and json.loads(some["json"])["key"].startswith("0000")
 
 
 def synthetic_args(out: Path, *extra: str) -> list[str]:
-    return ["--synthetic", "--out", str(out), "--years", "2014-2016", "--samples-per-year", "600",
-            "--eval-samples", "100", "--shard-size", "100", *extra]
+    return [
+        "--synthetic",
+        "--out",
+        str(out),
+        "--years",
+        "2014-2016",
+        "--samples-per-year",
+        "600",
+        "--eval-samples",
+        "100",
+        "--shard-size",
+        "100",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +222,20 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path, reference_run, stage):
 @pytest.mark.timeout(60)
 def test_concept_schedule_drifts_year_by_year(tmp_path, capsys):
     years = [2014, 2015, 2016, 2017]
-    code, _, err = run(capsys, "--synthetic", "--out", tmp_path / "out", "--years", "2014-2017",
-                       "--samples-per-year", "320", "--eval-samples", "0", "--workers", "1")
+    code, _, err = run(
+        capsys,
+        "--synthetic",
+        "--out",
+        tmp_path / "out",
+        "--years",
+        "2014-2017",
+        "--samples-per-year",
+        "320",
+        "--eval-samples",
+        "0",
+        "--workers",
+        "1",
+    )
     assert (code, err) == (0, ""), err
     data = dataset(tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -259,8 +302,9 @@ def test_user_errors_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
 
     code, stdout, err = run(capsys, "--manifest", manifest, "--out", out, "--max-bad-frac", "0.3", "--eval-frac", "0")
     assert (code, err) == (0, "") and "already complete" in stdout and tree(out) == before
-    code, _, err = run(capsys, "--manifest", manifest, "--out", out, "--max-bad-frac", "0.3", "--seed", "5",
-                       "--overwrite")
+    code, _, err = run(
+        capsys, "--manifest", manifest, "--out", out, "--max-bad-frac", "0.3", "--seed", "5", "--overwrite"
+    )
     assert (code, err) == (0, "") and json.loads((out / "manifest.json").read_text())["options"]["seed"] == 5
 
     code, _, err = run(capsys, "--manifest", manifest, "--out", tmp_path / "o2", "--shard-size", "0")
@@ -271,8 +315,12 @@ def test_user_errors_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
 
 @pytest.mark.timeout(60)
 def test_cli_subprocess_reports_error_on_one_line(tmp_path):
-    result = subprocess.run([sys.executable, str(TOOL), "--shards", str(tmp_path / "none"), "--out",
-                             str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(TOOL), "--shards", str(tmp_path / "none"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and result.stdout == ""
     assert "no .tar shards" in _one_line_error(result.stderr) and not (tmp_path / "out").exists()
 
@@ -282,8 +330,21 @@ def test_memory_output_through_fsspec(capsys):
     url = "memory://make-shards-test/out"
     fs = fsspec.filesystem("memory")
     try:
-        args = ["--synthetic", "--out", url, "--years", "2020-2021", "--samples-per-year", "60", "--eval-samples",
-                "20", "--shard-size", "25", "--workers", "2"]
+        args = [
+            "--synthetic",
+            "--out",
+            url,
+            "--years",
+            "2020-2021",
+            "--samples-per-year",
+            "60",
+            "--eval-samples",
+            "20",
+            "--shard-size",
+            "25",
+            "--workers",
+            "2",
+        ]
         code, _, err = run(capsys, *args)
         assert (code, err) == (0, ""), err
         sizes = json.loads(fs.cat_file("/make-shards-test/out/train/2021/sizes.json"))
@@ -303,8 +364,10 @@ def test_memory_output_through_fsspec(capsys):
 def test_synthetic_shards_shuffle_and_read_back_with_webdataset(reference_run):
     import webdataset as wds
 
-    keys = [s["__key__"] for s in wds.WebDataset(str(reference_run / "train/2015/000000.tar"), shardshuffle=False)
-            .decode("pil")]
+    keys = [
+        s["__key__"]
+        for s in wds.WebDataset(str(reference_run / "train/2015/000000.tar"), shardshuffle=False).decode("pil")
+    ]
     assert len(keys) == 100 and keys != sorted(keys)
     sample = next(iter(wds.WebDataset(str(reference_run / "eval/2015/000000.tar"), shardshuffle=False).decode("pil")))
     assert sample["png"].size == (32, 32) and sample["json"]["year"] == 2015 and isinstance(sample["cls"], int)
@@ -312,8 +375,10 @@ def test_synthetic_shards_shuffle_and_read_back_with_webdataset(reference_run):
 
 
 @settings(max_examples=60, deadline=None)
-@given(counts=st.lists(st.lists(st.integers(0, 40), min_size=1, max_size=3), min_size=1, max_size=6),
-       shard_size=st.integers(1, 50))
+@given(
+    counts=st.lists(st.lists(st.integers(0, 40), min_size=1, max_size=3), min_size=1, max_size=6),
+    shard_size=st.integers(1, 50),
+)
 @pytest.mark.timeout(60)
 def test_pack_tasks_cover_every_staged_sample_once_in_balanced_shards(counts, shard_size):
     results = {i: {"pieces": {f"train/{2014 + y}": n for y, n in enumerate(row) if n}} for i, row in enumerate(counts)}
@@ -325,16 +390,30 @@ def test_pack_tasks_cover_every_staged_sample_once_in_balanced_shards(counts, sh
         assert sum(sizes) == total and all(0 < s <= shard_size for s in sizes)
         assert not sizes or max(sizes) - min(sizes) <= 1
         covered = [(path, skip + k) for t in mine for path, skip, take in t.pieces for k in range(take)]
-        expected = [(f".make_shards/units/{i:06d}/train-{2014 + y}.bin", k)
-                    for i, row in enumerate(counts) if len(row) > y for k in range(row[y])]
+        expected = [
+            (f".make_shards/units/{i:06d}/train-{2014 + y}.bin", k)
+            for i, row in enumerate(counts)
+            if len(row) > y
+            for k in range(row[y])
+        ]
         assert covered == expected
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.parametrize("value, year", [
-    (2014, 2014), ("2016", 2016), (1420070400, 2015), (1420070400000, 2015), ("1420070400", 2015),
-    ("2013-12-31T23:30:00-02:00", 2014), ("2019-07", 2019), (datetime(2012, 5, 1), 2012), (2017.0, 2017),
-])
+@pytest.mark.parametrize(
+    "value, year",
+    [
+        (2014, 2014),
+        ("2016", 2016),
+        (1420070400, 2015),
+        (1420070400000, 2015),
+        ("1420070400", 2015),
+        ("2013-12-31T23:30:00-02:00", 2014),
+        ("2019-07", 2019),
+        (datetime(2012, 5, 1), 2012),
+        (2017.0, 2017),
+    ],
+)
 def test_parse_when_accepts_years_epochs_and_dates(value, year):
     assert parse_when(value)[0] == year
 

@@ -13,9 +13,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tests.conftest import TINY_MODEL
 from trainer.config import ModelConfig
-from trainer.loss import ContrastiveLoss
 from trainer.memory import activation_bytes, block_bytes, max_micro_batch, measure_saved_bytes, state_rows, towers
 from trainer.model import create_model
+from trainer.objectives.clip import ContrastiveLoss
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 6
@@ -26,17 +26,42 @@ BATCH = 6
 CONFIGS = {
     "tiny": TINY_MODEL,
     "quick": {
-        "embed_dim": 48, "quick_gelu": True,
-        "vision_cfg": {"image_size": [48, 32], "layers": 3, "width": 96, "patch_size": 16, "head_width": 16,
-                       "mlp_ratio": 2.0},
+        "embed_dim": 48,
+        "quick_gelu": True,
+        "vision_cfg": {
+            "image_size": [48, 32],
+            "layers": 3,
+            "width": 96,
+            "patch_size": 16,
+            "head_width": 16,
+            "mlp_ratio": 2.0,
+        },
         "text_cfg": {"context_length": 20, "vocab_size": 1000, "width": 64, "heads": 4, "layers": 2, "mlp_ratio": 3.0},
     },
     "clipa": {
         "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32,
-                       "no_ln_pre": True, "pool_type": "avg", "final_ln_after_pool": True, "ls_init_value": 1e-4},
-        "text_cfg": {"context_length": 12, "vocab_size": 1000, "width": 64, "heads": 2, "layers": 2,
-                     "pool_type": "last", "no_causal_mask": True, "proj_bias": True, "ls_init_value": 1e-4},
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 2,
+            "width": 64,
+            "patch_size": 8,
+            "head_width": 32,
+            "no_ln_pre": True,
+            "pool_type": "avg",
+            "final_ln_after_pool": True,
+            "ls_init_value": 1e-4,
+        },
+        "text_cfg": {
+            "context_length": 12,
+            "vocab_size": 1000,
+            "width": 64,
+            "heads": 2,
+            "layers": 2,
+            "pool_type": "last",
+            "no_causal_mask": True,
+            "proj_bias": True,
+            "ls_init_value": 1e-4,
+        },
     },
 }
 
@@ -123,7 +148,10 @@ def _plan_cli():
     return module
 
 
-ROW = re.compile(r"^([* ])\s+([0-3]) (none|cpu optimizer\+param|cpu optimizer)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+(\d+)$")
+ROW = re.compile(
+    r"^([* ])\s+([0-3]) (none|cpu optimizer\+param|cpu optimizer)"
+    r"\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+(\d+)$"
+)
 
 
 def test_memory_cli_table_and_max_micro_monotone_in_gpu_mem(capsys: pytest.CaptureFixture[str]) -> None:
@@ -131,13 +159,23 @@ def test_memory_cli_table_and_max_micro_monotone_in_gpu_mem(capsys: pytest.Captu
     config = str(REPO / "configs" / "tic_debug.yaml")
     best = {}
     for mem in (16, 40, 80):
-        assert plan.main(["--config", config, "--memory", "--gpus-per-node", "8", "--nodes", "2", "--gpu-mem", str(mem)]) == 0
+        assert (
+            plan.main(["--config", config, "--memory", "--gpus-per-node", "8", "--nodes", "2", "--gpu-mem", str(mem)])
+            == 0
+        )
         out = capsys.readouterr().out
         assert out.startswith("tic_debug: ViT-B-32, 151.3M params") and "= 16 GPUs, " in out and "assumptions:" in out
         rows = [m.groups() for m in map(ROW.match, out.splitlines()) if m]
         assert [(int(r[1]), r[2]) for r in rows] == [
-            (0, "none"), (1, "none"), (1, "cpu optimizer"), (2, "none"), (2, "cpu optimizer"),
-            (3, "none"), (3, "cpu optimizer"), (3, "cpu optimizer+param")]
+            (0, "none"),
+            (1, "none"),
+            (1, "cpu optimizer"),
+            (2, "none"),
+            (2, "cpu optimizer"),
+            (3, "none"),
+            (3, "cpu optimizer"),
+            (3, "cpu optimizer+param"),
+        ]
         assert [r[0] for r in rows].count("*") == 1 and rows[3][0] == "*"  # tic_debug: ZeRO-2, no offload
         best[mem] = [(int(r[7]), int(r[8])) for r in rows]
         for off, on in best[mem]:
@@ -146,13 +184,16 @@ def test_memory_cli_table_and_max_micro_monotone_in_gpu_mem(capsys: pytest.Captu
         assert all(a[0] < b[0] and a[1] < b[1] for a, b in zip(best[lo], best[hi]))
 
 
-@pytest.mark.parametrize("argv", [
-    ["--memory", "--gpu-mem", "0"],
-    ["--memory", "--nodes", "-1"],
-    ["--memory", "--gpus-per-node", "two"],
-    ["--gpu-mem", "80"],
-    ["--memory", "--compare"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--memory", "--gpu-mem", "0"],
+        ["--memory", "--nodes", "-1"],
+        ["--memory", "--gpus-per-node", "two"],
+        ["--gpu-mem", "80"],
+        ["--memory", "--compare"],
+    ],
+)
 def test_memory_cli_bad_arguments_exit_2_with_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     plan = _plan_cli()
     with pytest.raises(SystemExit) as exc:

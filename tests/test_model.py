@@ -107,9 +107,7 @@ def test_sdpa_swap_replaces_all_blocks_and_keeps_state_dict(tiny_model_json):
     assert swap_attention(model, "sdpa") == LAYERS
     for tower in (model.visual, model.transformer):
         assert not any(isinstance(m, nn.MultiheadAttention) for m in tower.modules())
-    assert {k: v.shape for k, v in model.state_dict().items()} == {
-        k: v.shape for k, v in vanilla.state_dict().items()
-    }
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in vanilla.state_dict().items()}
     assert swap_attention(model, "sdpa") == 0  # nothing left to swap
 
 

@@ -32,15 +32,33 @@ def write_root(root: Path, corrupt: tuple[int, ...] = ()) -> dict[str, list[str]
     }
 
 
-def build(root: str, quotas: dict[str, int], *, world=1, rank=0, workers=2, micro=4, lanes=0,
-          seed=0, max_bad_frac=0.01, state=None) -> StreamDataset:
+def build(
+    root: str,
+    quotas: dict[str, int],
+    *,
+    world=1,
+    rank=0,
+    workers=2,
+    micro=4,
+    lanes=0,
+    seed=0,
+    max_bad_frac=0.01,
+    state=None,
+) -> StreamDataset:
     years = find_years(root, years=sorted(quotas))
     sampler = RehearsalSampler(years, quotas, seed=seed, world=world, workers=workers, lanes=lanes)
     if state is not None:
         sampler.load_state_dict(state, world, workers)
     return StreamDataset(
-        sampler, rank=rank, world=world, workers=workers, micro_batch=micro,
-        preprocess=PREPROCESS, tokenizer=TOKENIZER, seed=seed, max_bad_frac=max_bad_frac,
+        sampler,
+        rank=rank,
+        world=world,
+        workers=workers,
+        micro_batch=micro,
+        preprocess=PREPROCESS,
+        tokenizer=TOKENIZER,
+        seed=seed,
+        max_bad_frac=max_bad_frac,
     )
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from tests.dist_helpers import clean_env
-
 from trainer.config import ConfigError, load_config
 from trainer.plan import apportion, buffer_sizes, make_plan
 from trainer.plan_report import plan_for, summary
@@ -114,9 +113,19 @@ def test_tic_medium_warm_start_saves_t_plus_1_over_2(years: int, ratio: float) -
 @pytest.mark.timeout(120)
 def test_plan_cli_compare_json(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "plan.py"), "--config", str(REPO / "configs" / "tic_debug.yaml"),
-         "--compare", "--json", f"data.root={tmp_path / 'none'}"],
-        capture_output=True, text=True, timeout=110, env=clean_env(),
+        [
+            sys.executable,
+            str(REPO / "tools" / "plan.py"),
+            "--config",
+            str(REPO / "configs" / "tic_debug.yaml"),
+            "--compare",
+            "--json",
+            f"data.root={tmp_path / 'none'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env=clean_env(),
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)

@@ -9,8 +9,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from trainer.data.rehearsal import RehearsalSampler, Schedule, split_quotas
+from trainer.data.rehearsal import RehearsalSampler, Schedule
 from trainer.data.shards import DataError, YearShards
+from trainer.plan import apportion
 
 
 def fake_years(sizes: dict[str, list[int]]) -> dict[str, YearShards]:
@@ -36,13 +37,13 @@ def check_within_one(seq: list[str], quotas: dict[str, int]) -> None:
 
 
 @pytest.mark.timeout(10)
-def test_split_quotas_largest_remainder():
-    assert split_quotas({"a": 1, "b": 1, "c": 1}, 100) == {"a": 34, "b": 33, "c": 33}
-    assert split_quotas({"a": 0.5, "b": 0.3, "c": 0.2}, 96, multiple=8) == {"a": 48, "b": 32, "c": 16}
-    q = split_quotas({"a": 3, "b": 7, "c": 11, "d": 0}, 1024, multiple=16)
+def test_apportion_in_stream_units():
+    assert apportion(100, {"a": 1, "b": 1, "c": 1}) == {"a": 34, "b": 33, "c": 33}
+    assert apportion(96, {"a": 0.5, "b": 0.3, "c": 0.2}, multiple=8) == {"a": 48, "b": 32, "c": 16}
+    q = apportion(1024, {"a": 3, "b": 7, "c": 11, "d": 0}, multiple=16)
     assert sum(q.values()) == 1024 and all(v % 16 == 0 for v in q.values()) and q["d"] == 0
     with pytest.raises(ValueError):
-        split_quotas({"a": 1}, 100, multiple=8)
+        apportion(100, {"a": 1}, multiple=8)
 
 
 @pytest.mark.timeout(30)
@@ -86,7 +87,7 @@ def check_streams(rng, seed, n_years, world, workers, per_stream):
     streams = world * max(workers, 1)
     total = streams * per_stream
     weights = {y: float(rng.integers(1, 10)) for y in sizes}
-    quotas = split_quotas(weights, total)
+    quotas = apportion(total, weights)
     sampler = RehearsalSampler(
         fake_years(sizes), quotas, seed=seed, world=world, workers=workers, lanes=int(rng.integers(0, 6))
     )
@@ -112,7 +113,7 @@ def check_streams(rng, seed, n_years, world, workers, per_stream):
 @pytest.mark.timeout(30)
 def test_resume_same_streams_is_bit_exact():
     years = fake_years({"2014": [7, 5, 9, 3], "2015": [10, 10], "2016": [4]})
-    quotas = split_quotas({"2014": 0.5, "2015": 0.3, "2016": 0.2}, 240)
+    quotas = apportion(240, {"2014": 0.5, "2015": 0.3, "2016": 0.2})
     whole = RehearsalSampler(years, quotas, seed=5, world=2, workers=3, step=1)
     expected = [list(whole.stream(s)) for s in range(6)]
     for cut in (0, 6, 20, 40):
@@ -160,7 +161,7 @@ def test_resplit_continues_with_exactly_the_unseen_samples(chain):
 def test_resplit_without_divisibility_keeps_totals_and_disjointness():
     """Growing S: each year within S of its quota, grand total exact, nothing seen twice."""
     years = fake_years({"2014": [7, 7], "2015": [3, 8, 2], "2016": [11]})
-    quotas = split_quotas({"2014": 0.37, "2015": 0.41, "2016": 0.22}, 360)
+    quotas = apportion(360, {"2014": 0.37, "2015": 0.41, "2016": 0.22})
     first = RehearsalSampler(years, quotas, seed=9, world=3, workers=1)
     seen = Counter(x for d in draws(first) for x in d[:20])
     second = RehearsalSampler(years, quotas, seed=9, world=3, workers=1)

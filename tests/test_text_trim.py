@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import TINY_MODEL
 from trainer.config import ModelConfig
 from trainer.model import create_model
 from trainer.text_trim import TrimmedTokenizer, trim_tokens
-
-from tests.conftest import TINY_MODEL
 
 SOT, EOT = 49406, 49407
 CAPTIONS = ["a red square", "a small blue circle at the top left on a striped background", ""]

@@ -26,12 +26,24 @@ STEPS = 10
 
 def _settings(root: Path, runs: Path, model: Path, name: str, micro: int, stage: int) -> list[str]:
     return [
-        "--config", str(REPO / "configs" / "demo.yaml"),
-        f"data.root={root}", f"model.name={model}", f"logging.run_dir={runs}", f"logging.name={name}",
-        "train.global_batch=8", f"train.micro_batch={micro}", f"train.samples={8 * STEPS}",
-        "data.workers=1", "data.lanes=2", "plan.years=[2014]", "optim.warmup_steps=2",
-        f"deepspeed.zero_stage={stage}", "checkpoint.every_steps=5", "logging.every_steps=1",
-        "logging.record_keys=true", "logging.progress=false",
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        f"data.root={root}",
+        f"model.name={model}",
+        f"logging.run_dir={runs}",
+        f"logging.name={name}",
+        "train.global_batch=8",
+        f"train.micro_batch={micro}",
+        f"train.samples={8 * STEPS}",
+        "data.workers=1",
+        "data.lanes=2",
+        "plan.years=[2014]",
+        "optim.warmup_steps=2",
+        f"deepspeed.zero_stage={stage}",
+        "checkpoint.every_steps=5",
+        "logging.every_steps=1",
+        "logging.record_keys=true",
+        "logging.progress=false",
     ]
 
 
@@ -64,24 +76,54 @@ def runs(tmp_path_factory, tiny_model_json: Path) -> dict[str, Path]:
     train = str(REPO / "launch" / "train.py")
     _run([sys.executable, train, *_settings(root, runs, tiny_model_json, "one", 8, 1)], base / "one.log")
     _run(
-        [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), train,
-         *_settings(root, runs, tiny_model_json, "zero2", 4, 2)],
+        [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            train,
+            *_settings(root, runs, tiny_model_json, "zero2", 4, 2),
+        ],
         base / "zero2.log",
     )
     port = free_port()
     nodes = [
         subprocess.Popen(
-            [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
-             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "t",
-             train, *_settings(root, runs, tiny_model_json, "zero3", 4, 3)],
-            stdout=open(base / f"zero3-node{node}.log", "w"), stderr=subprocess.STDOUT, env=clean_env(), cwd=REPO,
+            [
+                str(BIN / "torchrun"),
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(node),
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv_id",
+                "t",
+                train,
+                *_settings(root, runs, tiny_model_json, "zero3", 4, 3),
+            ],
+            stdout=open(base / f"zero3-node{node}.log", "w"),
+            stderr=subprocess.STDOUT,
+            env=clean_env(),
+            cwd=REPO,
         )
         for node in (0, 1)
     ]
     for node, proc in enumerate(nodes):
         assert proc.wait(timeout=400) == 0, (base / f"zero3-node{node}.log").read_text()[-3000:]
-    return {"one": runs / "one", "zero2": runs / "zero2", "zero3": runs / "zero3", "root": root, "base": base,
-            "model": tiny_model_json}
+    return {
+        "one": runs / "one",
+        "zero2": runs / "zero2",
+        "zero3": runs / "zero3",
+        "root": root,
+        "base": base,
+        "model": tiny_model_json,
+    }
 
 
 @pytest.mark.timeout(900)
@@ -122,8 +164,13 @@ def test_stopped_after_step_5_and_resumed_gives_the_same_losses(runs: dict[str, 
     (resumed / "metrics.jsonl").unlink()
     shutil.rmtree(resumed / "keys")
     _run(
-        [sys.executable, str(REPO / "launch" / "train.py"),
-         *_settings(runs["root"], resumed.parent, runs["model"], "resumed", 8, 1), "--resume", "auto"],
+        [
+            sys.executable,
+            str(REPO / "launch" / "train.py"),
+            *_settings(runs["root"], resumed.parent, runs["model"], "resumed", 8, 1),
+            "--resume",
+            "auto",
+        ],
         runs["base"] / "resumed.log",
     )
     original, again = _losses(runs["one"]), _losses(resumed)
@@ -134,7 +181,7 @@ def test_stopped_after_step_5_and_resumed_gives_the_same_losses(runs: dict[str, 
 
 
 def _weights_equal(a: Path, b: Path) -> bool:
-    from trainer.weights import load_weights
+    from trainer.weights.consolidate import load_weights
 
     wa, wb = load_weights(a / "checkpoints", "year-2014"), load_weights(b / "checkpoints", "year-2014")
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -146,7 +193,9 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float 
         if proc.poll() is not None:
             raise AssertionError(f"run ended (status {proc.returncode}) before step {step}")
         metrics = run / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(l)["global_step"] >= step for l in metrics.read_text().splitlines()):
+        if metrics.exists() and any(
+            json.loads(line)["global_step"] >= step for line in metrics.read_text().splitlines()
+        ):
             return
         time.sleep(0.2)
     raise AssertionError(f"step {step} not reached in {timeout} s")
@@ -160,17 +209,27 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(runs: dict[s
     print(f"KILL_SEED={seed}: SIGKILL after step {kill_at}")
     train = str(REPO / "launch" / "train.py")
     runs_dir = runs["base"] / "runs"
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), train,
-           *_settings(runs["root"], runs_dir, runs["model"], "killed", 4, 2), "checkpoint.every_steps=2",
-           "--resume", "auto"]
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        train,
+        *_settings(runs["root"], runs_dir, runs["model"], "killed", 4, 2),
+        "checkpoint.every_steps=2",
+        "--resume",
+        "auto",
+    ]
     log = open(runs["base"] / "killed.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=clean_env(), cwd=REPO,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=clean_env(), cwd=REPO, start_new_session=True
+    )
     _wait_for_step(runs_dir / "killed", kill_at, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     _run(cmd[:4] + [str(free_port())] + cmd[5:], runs["base"] / "killed-resumed.log")
-    records = [json.loads(l) for l in (runs_dir / "killed" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (runs_dir / "killed" / "metrics.jsonl").read_text().splitlines()]
     last = {r["global_step"]: r["loss"] for r in records if r["kind"] == "train"}  # redone steps: last value
     assert last == _losses(runs["zero2"]), f"KILL_SEED={seed}"
     assert _weights_equal(runs_dir / "killed", runs["zero2"]), f"KILL_SEED={seed}"
@@ -187,8 +246,13 @@ def test_two_rank_checkpoint_resumes_on_one_rank(runs: dict[str, Path], name: st
     (shrunk / "metrics.jsonl").unlink()
     shutil.rmtree(shrunk / "keys")
     _run(
-        [sys.executable, str(REPO / "launch" / "train.py"),
-         *_settings(runs["root"], shrunk.parent, runs["model"], shrunk.name, 8, stage), "--resume", "auto"],
+        [
+            sys.executable,
+            str(REPO / "launch" / "train.py"),
+            *_settings(runs["root"], shrunk.parent, runs["model"], shrunk.name, 8, stage),
+            "--resume",
+            "auto",
+        ],
         runs["base"] / f"{name}-on-one.log",
     )
     assert "loading it as a universal checkpoint" in (runs["base"] / f"{name}-on-one.log").read_text()
@@ -199,7 +263,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(runs: dict[str, Path], name: st
     keys_two, keys_one = _keys(runs[name]), _keys(shrunk)
     for step in range(6, STEPS + 1):
         assert keys_one[step] == [keys_two[step][0] | keys_two[step][1]]
-    from trainer.weights import load_weights
+    from trainer.weights.consolidate import load_weights
 
     wa = load_weights(shrunk / "checkpoints", "year-2014")
     wb = load_weights(runs[name] / "checkpoints", "year-2014")

@@ -11,18 +11,28 @@ import os
 import sys
 from pathlib import Path
 
-from trainer.cli import user_errors
 from trainer.config import ConfigError
+from trainer.errors import UserError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tools/evaluate.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="tools/evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--run", type=Path, help="run folder (runs/<name>): its yearly checkpoints, model and data")
-    p.add_argument("--compare", nargs="+", type=Path, metavar="RUN",
-                   help="compare runs: evaluate each (unless its eval/matrix.json is current) and plot them together")
-    p.add_argument("--checkpoints", nargs="+", metavar="[YEAR=]PT",
-                   help="open_clip .pt files instead of a run's checkpoints (YEAR= names the last training year)")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        type=Path,
+        metavar="RUN",
+        help="compare runs: evaluate each (unless its eval/matrix.json is current) and plot them together",
+    )
+    p.add_argument(
+        "--checkpoints",
+        nargs="+",
+        metavar="[YEAR=]PT",
+        help="open_clip .pt files instead of a run's checkpoints (YEAR= names the last training year)",
+    )
     p.add_argument("--model", default="", help="open_clip model name or JSON config (default: the run's)")
     p.add_argument("--quick-gelu", action="store_true", help="with --model: QuickGELU (OpenAI / TiC-CLIP weights)")
     p.add_argument("--data", default="", help="dataset root with eval/<year>/ shards (default: the run's data.root)")
@@ -31,11 +41,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="encoder batch per rank")
     p.add_argument("--tasks", nargs="+", default=["retrieval", "zeroshot"], choices=["retrieval", "zeroshot"])
     p.add_argument("--classes", default="", help="JSON file with 'classes' and 'templates' (default: the manifest's)")
-    p.add_argument("--all-classes", action="store_true",
-                   help="zero-shot over all classes even where the manifest lists classes_by_year")
+    p.add_argument(
+        "--all-classes",
+        action="store_true",
+        help="zero-shot over all classes even where the manifest lists classes_by_year",
+    )
     p.add_argument("--cache-mb", type=int, default=2048, help="per-rank memory for decoded eval images")
-    p.add_argument("--heatmaps", nargs="+", metavar="METRIC",
-                   help="metrics to draw, or 'all' (default: mean_R1, strict_mean_R1, i2t_R1, t2i_R1, mean_R5, zs_*)")
+    p.add_argument(
+        "--heatmaps",
+        nargs="+",
+        metavar="METRIC",
+        help="metrics to draw, or 'all' (default: mean_R1, strict_mean_R1, i2t_R1, t2i_R1, mean_R5, zs_*)",
+    )
     p.add_argument("--out", type=Path, help="output folder (default: <run>/eval; with --compare: <runs>/compare)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -46,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return _run(args)
-    except user_errors() as e:
+    except UserError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -60,15 +77,21 @@ def _run(args: argparse.Namespace) -> int:
     import torch.distributed as tdist
 
     from trainer.distributed import init_distributed, shutdown
-    from trainer.eval.matrix import console_table
+    from trainer.eval.evaluator import EvalOptions
     from trainer.eval.metrics import HEADLINE, METRICS
     from trainer.eval.plots import compare_table, save_compare
+    from trainer.eval.report import console_table
     from trainer.eval.runs import EvalRequest, evaluate_request
-    from trainer.evaluate import EvalOptions
     from trainer.logging import setup_console
 
-    options = EvalOptions(tasks=tuple(args.tasks), samples=args.samples, batch_size=args.batch_size,
-                          cache_mb=args.cache_mb, classes_file=args.classes, per_year_classes=not args.all_classes)
+    options = EvalOptions(
+        tasks=tuple(args.tasks),
+        samples=args.samples,
+        batch_size=args.batch_size,
+        cache_mb=args.cache_mb,
+        classes_file=args.classes,
+        per_year_classes=not args.all_classes,
+    )
     options.validate()
     heatmaps = list(METRICS) if args.heatmaps == ["all"] else args.heatmaps
     unknown = [m for m in heatmaps or [] if m not in METRICS]
@@ -76,8 +99,17 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--heatmaps: unknown metric {', '.join(unknown)} (valid: all, {', '.join(METRICS)})")
 
     def request(run: Path | None, out: Path | None) -> EvalRequest:
-        return EvalRequest(run=run, checkpoints=args.checkpoints or [], model=args.model, quick_gelu=args.quick_gelu,
-                           data=args.data, years=args.years, options=options, out=out, heatmaps=heatmaps)
+        return EvalRequest(
+            run=run,
+            checkpoints=args.checkpoints or [],
+            model=args.model,
+            quick_gelu=args.quick_gelu,
+            data=args.data,
+            years=args.years,
+            options=options,
+            out=out,
+            heatmaps=heatmaps,
+        )
 
     owns_group = not tdist.is_initialized()  # a caller's process group (tests, notebooks) stays up
     dist = init_distributed("auto")

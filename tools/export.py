@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.checkpoint import CheckpointError
-from trainer.config import ConfigError
-from trainer.export import export_local_dir, export_pt, run_config
-from trainer.model import ModelError, create_model
+from trainer.errors import UserError
+from trainer.model import create_model
+from trainer.rundir import RunDir, year_tag
+from trainer.weights.open_clip import export_local_dir, export_pt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,20 +19,27 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--year", help="export the checkpoint at the end of this year's step")
     which.add_argument("--tag", help="export any checkpoint tag (e.g. step-1200)")
     p.add_argument("--out", required=True, type=Path, help="output .pt file, or folder for local-dir")
-    p.add_argument("--format", choices=["pt", "local-dir"], default="pt",
-                   help="pt: {state_dict, epoch, name} for pretrained=path; local-dir: config + safetensors")
+    p.add_argument(
+        "--format",
+        choices=["pt", "local-dir"],
+        default="pt",
+        help="pt: {state_dict, epoch, name} for pretrained=path; local-dir: config + safetensors",
+    )
     args = p.parse_args(argv)
-    tag = args.tag or f"year-{args.year}"
+    tag = args.tag or year_tag(args.year)
     try:
         if args.format == "pt":
             out = export_pt(args.run, tag, args.out)
         else:
-            model = create_model(run_config(args.run).model)[0]
+            model = create_model(RunDir(args.run).load_config().model)[0]
             out = export_local_dir(args.run, tag, args.out, dict(model.visual.preprocess_cfg))
-    except (CheckpointError, ConfigError, ModelError) as e:
+    except UserError as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out}" + (f"  (open_clip: create_model_and_transforms('local-dir:{out}'))" if args.format == "local-dir" else ""))
+    print(
+        f"wrote {out}"
+        + (f"  (open_clip: create_model_and_transforms('local-dir:{out}'))" if args.format == "local-dir" else "")
+    )
     return 0
 
 

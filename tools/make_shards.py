@@ -6,10 +6,11 @@ import argparse
 import os
 import sys
 import time
-from typing import NoReturn, Optional
+from typing import Literal, NoReturn
 
-from trainer.data.prep_config import IMAGE_FORMATS, RESIZE_MODES, PrepError, PrepOptions
-from trainer.data.prepare import prepare, summary_lines
+from trainer.errors import UserError
+from trainer.prep.options import IMAGE_FORMATS, RESIZE_MODES, PrepError, PrepOptions
+from trainer.prep.prepare import prepare, summary_lines
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,17 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run the job, print a summary; user errors exit 2 with one line on stderr."""
     started = time.perf_counter()
     try:
         args = build_parser().parse_args(argv)
-        source = "synthetic" if args.synthetic else "manifest" if args.manifest else "shards"
+        source: Literal["synthetic", "manifest", "shards"] = (
+            "synthetic" if args.synthetic else "manifest" if args.manifest else "shards"
+        )
         fields = {k: v for k, v in vars(args).items() if k not in ("synthetic", "manifest", "shards", "no_progress")}
-        options = PrepOptions(source=source, input=args.manifest or args.shards or "",
-                              progress=not args.no_progress and sys.stderr.isatty(), **fields)
+        options = PrepOptions(
+            source=source,
+            input=args.manifest or args.shards or "",
+            progress=not args.no_progress and sys.stderr.isatty(),
+            **fields,
+        )
         manifest = prepare(options)
-    except PrepError as error:
+    except UserError as error:
         print(f"make_shards: error: {error}", file=sys.stderr)
         return 2
     state = "already complete" if manifest["already_complete"] else f"done in {time.perf_counter() - started:.1f} s"

@@ -17,19 +17,30 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Any, NoReturn
 
-from trainer.config import ConfigError, load_config
+from trainer.config import load_config
 from trainer.data.shards import DataError, find_years
+from trainer.errors import UserError
 from trainer.flops import train_flops
 from trainer.memory import memory_report
-from trainer.model import ModelError, create_model
+from trainer.model import create_model
 from trainer.plan_report import (
-    STRATEGIES, assumptions, compare_table, memory_notes, memory_table, plan_for, step_table, summary,
+    STRATEGIES,
+    assumptions,
+    compare_table,
+    memory_notes,
+    memory_table,
+    plan_for,
+    step_table,
+    summary,
 )
 
-PRESETS = [Path(__file__).resolve().parents[1] / "configs" / f"tic_{s}.yaml" for s in ("debug", "medium", "large", "xlarge")]
+PRESETS = [
+    Path(__file__).resolve().parents[1] / "configs" / f"tic_{s}.yaml" for s in ("debug", "medium", "large", "xlarge")
+]
 MEMORY_DEFAULTS = {"gpus_per_node": 8, "nodes": 1, "gpu_mem": 80.0}
 
 
@@ -43,15 +54,18 @@ class Parser(argparse.ArgumentParser):
 
 def positive(kind: type) -> Callable[[str], float]:
     """An argparse type: a finite number of `kind` greater than 0."""
+
     def parse(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected {'an integer' if kind is int else 'a number'} > 0, got {text!r}") from None
+                f"expected {'an integer' if kind is int else 'a number'} > 0, got {text!r}"
+            ) from None
         if not (math.isfinite(value) and value > 0):
             raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
         return value
+
     return parse
 
 
@@ -59,16 +73,26 @@ def parser() -> Parser:
     p = Parser(prog="tools/plan.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--config", help="the run's YAML config")
-    which.add_argument("--all-presets", action="store_true",
-                       help="with --memory: report every TiC preset (tic_debug, tic_medium, tic_large, tic_xlarge)")
+    which.add_argument(
+        "--all-presets",
+        action="store_true",
+        help="with --memory: report every TiC preset (tic_debug, tic_medium, tic_large, tic_xlarge)",
+    )
     p.add_argument("--strategy", choices=STRATEGIES, help="plan this strategy (default: the config's)")
     p.add_argument("--compare", action="store_true", help="compare every strategy's cost")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--year-size", type=int, default=0,
-                   help="samples per year to assume when data.root cannot be read (default: the step budget)")
+    p.add_argument(
+        "--year-size",
+        type=int,
+        default=0,
+        help="samples per year to assume when data.root cannot be read (default: the step budget)",
+    )
     mem = p.add_argument_group("memory planning")
-    mem.add_argument("--memory", action="store_true",
-                     help="per-GPU memory per ZeRO stage/offload and the largest micro-batch that fits")
+    mem.add_argument(
+        "--memory",
+        action="store_true",
+        help="per-GPU memory per ZeRO stage/offload and the largest micro-batch that fits",
+    )
     mem.add_argument("--gpus-per-node", type=positive(int), help="GPUs per node (default 8)")
     mem.add_argument("--nodes", type=positive(int), help="nodes (default 1)")
     mem.add_argument("--gpu-mem", type=positive(float), help="memory of one GPU in GiB (default 80)")
@@ -77,14 +101,16 @@ def parser() -> Parser:
 
 
 def memory(args: argparse.Namespace) -> int:
-    opts = {k: getattr(args, k) or v for k, v in MEMORY_DEFAULTS.items()}
+    opts: dict[str, Any] = {k: getattr(args, k) or v for k, v in MEMORY_DEFAULTS.items()}
     paths = PRESETS if args.all_presets else [Path(args.config)]
     try:
         reports = []
         for path in paths:
-            report = memory_report(load_config(path, args.overrides), opts["gpus_per_node"], opts["nodes"], opts["gpu_mem"])
+            report = memory_report(
+                load_config(path, args.overrides), opts["gpus_per_node"], opts["nodes"], opts["gpu_mem"]
+            )
             reports.append({"config": path.stem, **report})
-    except (ConfigError, ModelError) as e:
+    except UserError as e:
         print(f"plan: error: {e}", file=sys.stderr)
         return 2
     if args.json:
@@ -110,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         years = cfg.plan.years
         try:
-            sizes = {y: sum(s.size for s in shards) for y, shards in find_years(cfg.data.root, "train", years or None).items()}
+            sizes = {
+                y: sum(s.size for s in shards)
+                for y, shards in find_years(cfg.data.root, "train", years or None).items()
+            }
             assumed = False
         except DataError:
             if not years:
@@ -121,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         restart = plan_for(cfg, sizes, "restart")
         chosen = [args.strategy or cfg.plan.strategy] if not args.compare else STRATEGIES
         plans = {s: plan_for(cfg, sizes, s) for s in chosen}
-    except (ConfigError, DataError, ModelError) as e:
+    except UserError as e:
         print(f"plan: error: {e}", file=sys.stderr)
         return 2
     rows = [summary(pl, flops, restart) for pl in plans.values()]

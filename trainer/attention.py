@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,16 +15,14 @@ BACKENDS = ("sdpa", "xformers")
 _BIAS_ALIGN = 8
 
 
-def _xformers_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Any, p: float
-) -> torch.Tensor:
+def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias: Any, p: float) -> torch.Tensor:
     """xformers' kernel on [B, L, H, D] tensors: FusedAttention's only call, so CPU tests can stand in for it."""
     import xformers.ops
 
     return xformers.ops.memory_efficient_attention(q, k, v, attn_bias=attn_bias, p=p)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def xformers_problem(device: str) -> str:
     """Why xformers cannot train on `device`, or "" when it can (probed once per device)."""
     try:
@@ -57,7 +55,7 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
-def is_causal_mask(mask: Optional[torch.Tensor]) -> bool:
+def is_causal_mask(mask: torch.Tensor | None) -> bool:
     """True when `mask` is exactly open_clip's causal mask: -inf above the diagonal, 0 elsewhere."""
     if mask is None or mask.ndim != 2 or mask.shape[0] != mask.shape[1] or not mask.is_floating_point():
         return False
@@ -99,7 +97,7 @@ class FusedAttention(nn.Module):
         value: torch.Tensor,
         *,
         need_weights: bool = False,
-        attn_mask: Optional[torch.Tensor] = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
         """Attention over [B, L, E]; returns (output, None) like nn.MultiheadAttention(need_weights=False)."""
         if need_weights:
@@ -127,9 +125,7 @@ class FusedAttention(nn.Module):
             ).transpose(1, 2)
         return self.out_proj(out.reshape(batch, length, self.embed_dim)), None
 
-    def _sdpa_mask(
-        self, mask: Optional[torch.Tensor], batch: int, dtype: torch.dtype
-    ) -> Optional[torch.Tensor]:
+    def _sdpa_mask(self, mask: torch.Tensor | None, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
         """An explicit mask as SDPA wants it: additive, [L, S] or [B, H, L, S]."""
         if mask is None:
             return None
@@ -138,7 +134,7 @@ class FusedAttention(nn.Module):
             mask = mask.view(batch, self.num_heads, *mask.shape[1:])
         return mask
 
-    def _xformers_bias(self, mask: Optional[torch.Tensor], q: torch.Tensor) -> Any:
+    def _xformers_bias(self, mask: torch.Tensor | None, q: torch.Tensor) -> Any:
         """An explicit mask as xformers wants it: a dense [B, H, L, S] bias with aligned rows."""
         if mask is None:
             return _xformers_causal() if self.causal else None

@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import json
-import os
-import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from trainer.distributed import DistInfo, barrier, broadcast_object
+from trainer.files import atomic_write, write_text_atomic
+from trainer.rundir import STEP_TAG, TRAIN_STATE, CheckpointError, read_train_state
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 UNIVERSAL = ".universal"
-STEP_TAG = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read (disk full, missing, incomplete)."""
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def is_complete(tag_dir: Path) -> bool:
@@ -83,9 +68,9 @@ def save(
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     barrier()
     if dist.is_main:
-        _write_atomic(tag_dir / "trainer_state.json", json.dumps(client_state, indent=1, default=str))
-        _write_atomic(tag_dir / COMPLETE, tag + "\n")
-        _write_atomic(ckpt_dir / LATEST, tag + "\n")
+        write_text_atomic(tag_dir / TRAIN_STATE, json.dumps(client_state, indent=1, default=str))
+        write_text_atomic(tag_dir / COMPLETE, tag + "\n")
+        write_text_atomic(ckpt_dir / LATEST, tag + "\n")
         prune(ckpt_dir, keep_last)
     barrier()
     return tag_dir
@@ -107,7 +92,7 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
 def _order(tag_dir: Path) -> tuple[int, float]:
     """Newest first by the optimizer step recorded in the train state, then by time."""
     try:
-        state = json.loads((tag_dir / "trainer_state.json").read_text())
+        state = read_train_state(tag_dir)
         return int(state.get("global_step", -1)), (tag_dir / COMPLETE).stat().st_mtime
     except (OSError, ValueError):
         return -1, (tag_dir / COMPLETE).stat().st_mtime
@@ -136,24 +121,37 @@ def to_universal(ckpt_dir: Path, tag: str, dist: DistInfo) -> Path:
     out = ckpt_dir / UNIVERSAL
     done = out / tag
     if dist.is_main and not is_complete(done):
-        from deepspeed.checkpoint.ds_to_universal import main as convert
-
-        tmp = out / f".{tag}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        args = argparse.Namespace(
-            input_folder=str(ckpt_dir / tag), output_folder=str(tmp), num_extract_workers=1,
-            num_merge_workers=1, keep_temp_folder=False, strict=True,
-            # Our checkpoints are not Megatron's: DeepSpeed's own flag adds the version record.
-            inject_missing_state=True,
-        )
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints a progress report
-            convert(args)
-        shutil.copy(ckpt_dir / tag / "trainer_state.json", tmp / "trainer_state.json")
-        _write_atomic(tmp / COMPLETE, tag + "\n")
+        out.mkdir(exist_ok=True)
         shutil.rmtree(done, ignore_errors=True)
-        os.replace(tmp, done)
+        atomic_write(done, lambda tmp: _convert_universal(ckpt_dir / tag, tmp))
     barrier()
     return out
+
+
+UNIVERSAL_COMMAND = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
+"""DeepSpeed's documented converter, run as its command line so that options it adds get their defaults."""
+
+
+def _convert_universal(tag_dir: Path, out: Path) -> None:
+    """The universal copy of `tag_dir` in `out`, with our train state and COMPLETE marker."""
+    args = [
+        "--input_folder",
+        str(tag_dir),
+        "--output_folder",
+        str(out),
+        "--num_extract_workers",
+        "1",
+        # Our checkpoints are not Megatron's: DeepSpeed's own flag adds the version record.
+        "--num_merge_workers",
+        "1",
+        "--inject_missing_state",
+    ]
+    done = subprocess.run([*UNIVERSAL_COMMAND, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CheckpointError(f"{tag_dir}: DeepSpeed's universal conversion failed ({last})")
+    shutil.copy(tag_dir / TRAIN_STATE, out / TRAIN_STATE)
+    write_text_atomic(out / COMPLETE, tag_dir.name + "\n")
 
 
 def load(engine: Any, ckpt_dir: Path, tag: str) -> dict[str, Any]:

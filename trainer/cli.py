@@ -5,21 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional
 
-from trainer.config import ConfigError, load_config
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions a user causes (bad config, data, model, checkpoint): one line and exit 2."""
-    from trainer.checkpoint import CheckpointError
-    from trainer.data.shards import DataError
-    from trainer.model import ModelError
-
-    return ConfigError, DataError, ModelError, CheckpointError
+from trainer.config import load_config
+from trainer.errors import UserError
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="launch/train.py",
         description="Train an open_clip model over a plan of years with DeepSpeed.",
@@ -27,8 +18,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     )
     p.add_argument("--config", help="YAML config file (configs/*.yaml)")
     p.add_argument("--resume", default="", help="'auto' (newest complete checkpoint) or a checkpoint tag")
-    p.add_argument("--start-from", default="",
-                   help="initial weights: an open_clip/TiC-CLIP .pt file or <run folder>:<year>")
+    p.add_argument(
+        "--start-from", default="", help="initial weights: an open_clip/TiC-CLIP .pt file or <run folder>:<year>"
+    )
     p.add_argument("--years", default="", help="run only these plan steps: 2019..2022, 2019,2021")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides key.sub=value")
@@ -39,17 +31,16 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
-def train_main(argv: Optional[list[str]] = None) -> int:
+def train_main(argv: list[str] | None = None) -> int:
     """Entry point of launch/train.py; returns the process exit status."""
     args = parse_args(argv)
-    errors = (ConfigError,)
     try:
         cfg = load_config(args.config, args.overrides)
-        errors = user_errors()
-        from trainer.continual import ContinualRun, Preempted
+        from trainer.continual import ContinualRun
         from trainer.distributed import init_distributed, shutdown
         from trainer.host import tune_cpu_process
         from trainer.logging import setup_console
+        from trainer.preemption import Preempted
 
         dist = init_distributed(cfg.deepspeed.backend)
         tune_cpu_process(dist.device)
@@ -61,7 +52,7 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         finally:
             shutdown()
         return 0
-    except errors as e:
+    except UserError as e:
         if _is_rank0():
             print(f"train: error: {e}", file=sys.stderr)
         return 2

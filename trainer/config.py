@@ -7,14 +7,18 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
+from trainer.errors import UserError
+from trainer.files import write_text_atomic
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user-facing configuration error; the message names the key and what is valid."""
 
 
@@ -151,12 +155,13 @@ class EvalConfig:
     """Per-rank memory for decoded eval images kept between yearly evaluations."""
 
 
+Strategy = Literal["sequential", "cumulative-all", "cumulative-exp", "cumulative-equal", "replay", "restart"]
+
+
 @dataclass(kw_only=True)
 class PlanConfig:
-    strategy: Literal[
-        "sequential", "cumulative-all", "cumulative-exp", "cumulative-equal", "replay", "restart"
-    ] = "cumulative-all"
-    """Continual strategy (see DESIGN.md, 'Continual semantics')."""
+    strategy: Strategy = "cumulative-all"
+    """Continual strategy (README, 'Continual training: plans and the rehearsal sampler')."""
     years: list[str] = field(default_factory=list)
     """Years of the plan, in order ([] = every year under data.root)."""
     first_step_years: int = 1
@@ -172,6 +177,22 @@ class PlanConfig:
 
 
 @dataclass(kw_only=True)
+class ObjectiveConfig:
+    name: str = "clip"
+    """What a step learns from: clip (open_clip's contrastive loss), or module:Class of your own."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The objective's own settings (each objective documents its own)."""
+
+
+@dataclass(kw_only=True)
+class MethodConfig:
+    name: str = ""
+    """A continual method (reads the previous year's model or data): a built-in name or module:Class."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The method's own settings."""
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -182,6 +203,9 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    methods: list[MethodConfig] = field(default_factory=list)
+    """Continual methods, applied in order on top of the objective (e.g. distillation, EWC)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -196,6 +220,11 @@ class Config:
         # Like the world size, the micro-batch says how a step is split, so a run may resume on
         # another number of ranks with it changed.
         d["train"].pop("micro_batch")
+        # Sections added after the first release count only when set, so runs started before
+        # they existed (all at these defaults) still resume.
+        for later, default in (("objective", dataclasses.asdict(ObjectiveConfig())), ("methods", [])):
+            if d[later] == default:
+                d.pop(later)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -205,7 +234,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
-        return _build(tp, value, key)
+        return build_dataclass(typing.cast(type, tp), value, key)
     if tp is Any:
         return value
     if origin is Literal:
@@ -253,7 +282,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp} for {key}")
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """`cls(**values)` with every value checked against its annotation; errors name prefix.key."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -302,7 +332,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML config file (or defaults when None) and apply dotted overrides."""
     tree: dict[str, Any] = {}
     if path is not None:
@@ -316,7 +346,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
     tree = _merge(tree, parse_overrides(list(overrides)))
-    cfg = _build(Config, tree, "")
+    cfg = build_dataclass(Config, tree, "")
     if not cfg.logging.name and path is not None:
         cfg.logging.name = Path(path).stem
     validate(cfg)
@@ -325,10 +355,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
     """Rebuild a Config from `Config.to_dict()` output (e.g. a saved run's config.yaml)."""
-    return _build(Config, tree, "")
+    return build_dataclass(Config, tree, "")
 
 
-def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+def validate(cfg: Config, world_size: int | None = None) -> None:
     """Reject impossible settings; with `world_size`, also the batch arithmetic."""
     t, d, o, ds = cfg.train, cfg.data, cfg.optim, cfg.deepspeed
     positive = {
@@ -392,6 +422,4 @@ def accumulation_steps(cfg: Config, world_size: int) -> int:
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from open_clip.transformer import ResidualAttentionBlock
@@ -12,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def forward_flops(model: nn.Module, text_length: int | None = None) -> int:
+def forward_flops(model: Any, text_length: int | None = None) -> int:
     """Forward FLOPs for one image-text pair (text of `text_length` tokens, default the context).
 
     Run under SDPA's math kernel: torch's counter has no formula for the fused CPU kernel (it
@@ -34,7 +35,7 @@ def forward_flops(model: nn.Module, text_length: int | None = None) -> int:
     return counter.get_total_flops()
 
 
-def train_flops(model: nn.Module, text_length: int | None = None) -> int:
+def train_flops(model: Any, text_length: int | None = None) -> int:
     """FLOPs to train on one pair: forward + backward (twice the forward)."""
     return 3 * forward_flops(model, text_length)
 
@@ -69,13 +70,14 @@ def _tower_flops(blocks: list[ResidualAttentionBlock], tokens: int) -> tuple[int
     return matmul, attention
 
 
-def _projection_numel(proj: nn.Module | torch.Tensor | None) -> int:
+def _projection_numel(proj: Any) -> int:
+    """Weights of a tower's projection: an nn.Linear, a parameter matrix, or none."""
     if proj is None:
         return 0
     return proj.weight.numel() if isinstance(proj, nn.Linear) else proj.numel()
 
 
-def analytic_flops(model: nn.Module, text_length: int | None = None) -> AnalyticFlops:
+def analytic_flops(model: Any, text_length: int | None = None) -> AnalyticFlops:
     """Forward FLOPs of an open_clip-native ViT CLIP from its shapes (what the counter should see).
 
     `text_length`: tokens the text tower runs over (trimmed batches, see text_trim); default the context.

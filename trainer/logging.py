@@ -8,7 +8,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from tqdm import tqdm
 
@@ -60,6 +60,7 @@ class MetricsLog:
         if not self.is_main:
             return
         record = {"kind": kind, "time": round(time.time(), 3), **record}
+        assert self.file is not None, "metrics written after close()"
         self.file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             step = record.get("global_step")
@@ -75,7 +76,7 @@ class MetricsLog:
             self.wandb = None
 
 
-def progress(total: int, initial: int, desc: str, enabled: bool) -> Optional[tqdm]:
+def progress(total: int, initial: int, desc: str, enabled: bool) -> tqdm | None:
     """A tqdm bar over optimizer steps on rank 0 (None elsewhere or when disabled)."""
     if not enabled:
         return None

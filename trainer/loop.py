@@ -1,90 +1,142 @@
-"""The optimisation loop of one plan step: micro-batches, accumulation, logging, stop points."""
+"""The optimisation loop of one plan step: micro-batches -> objective (+ methods) -> DeepSpeed steps."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from trainer.loss import ContrastiveLoss
+from trainer.methods.base import Method
+from trainer.objectives.base import Objective, Outputs
 
 
 @dataclass
-class StepState:
-    """Where a plan step stands; saved in every checkpoint's client_state."""
+class StepRecord:
+    """One optimizer step: its loss (objective + methods), the named terms, timings and the micro-batches."""
 
-    plan_step: int
-    opt_step: int = 0
-    """Optimizer steps done in this plan step."""
-    global_step: int = 0
-    """Optimizer steps done in the whole run (never reused, names mid-year tags)."""
-    bad: dict[str, int] = field(default_factory=dict)
-    """Corrupt samples this rank skipped so far in this plan step, by reason."""
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch's images and tokens on `device`; copies of pinned tensors overlap with compute."""
-    return batch["image"].to(device, non_blocking=True), batch["text"].to(device, non_blocking=True)
+    loss: float
+    terms: dict[str, float]
+    data_wait: float
+    compute: float
+    batches: list[dict[str, Any]]
+    outputs: Outputs
+    """The last micro-batch's model outputs (for after-step hooks)."""
 
 
-def _features(engine: Any, inputs: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-    image, text = inputs
-    return engine(image=image, text=text)
+def to_device(batch: Mapping[str, Any], device: torch.device, keys: Sequence[str]) -> dict[str, Any]:
+    """The batch with its model inputs `keys` on `device`; copies of pinned tensors overlap with compute."""
+    return {**batch, **{k: batch[k].to(device, non_blocking=True) for k in keys}}
+
+
+def _total(
+    objective: Objective,
+    methods: Sequence[Method],
+    outputs: Outputs,
+    batch: Mapping[str, Any],
+    own: Outputs,
+    method_scale: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The objective's loss of `outputs` plus every method's terms of the micro-batch's `own` outputs
+    (scaled by `method_scale`), and all terms by name."""
+    out = objective.loss(outputs, batch)
+    total, terms = out.loss, dict(out.terms)
+    for i, method in enumerate(methods):
+        for name, term in method.loss_terms(own, batch).items():
+            total = total + method_scale * term
+            terms[f"{method_name(i, method)}/{name}"] = term
+    return total, terms
+
+
+def method_name(index: int, method: Method) -> str:
+    """How a method's terms and state are named: its position and class, e.g. '0:Distillation'."""
+    return f"{index}:{type(method).__name__}"
+
+
+def _means(per_pass: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Each term's mean over the passes, with one wait for the device instead of one per value."""
+    names = sorted({n for p in per_pass for n in p})
+    if not names:
+        return {}
+    values = torch.stack([torch.stack([p[n].detach().float() for p in per_pass if n in p]).mean() for n in names])
+    return dict(zip(names, values.tolist()))
 
 
 def accumulate_gradients(
-    engine: Any, batches: list[dict[str, Any]], loss_fn: ContrastiveLoss, device: torch.device
-) -> float:
+    engine: Any,
+    batches: list[dict[str, Any]],
+    objective: Objective,
+    device: torch.device,
+    methods: Sequence[Method] = (),
+    keys: Sequence[str] = ("image", "text"),
+) -> tuple[float, dict[str, float], Outputs]:
     """DeepSpeed accumulation: each micro-batch is its own contrastive problem; gradients averaged."""
-    losses = []
+    losses, terms = [], []
+    out: Outputs = {}
     for batch in batches:
-        out = _features(engine, _to_device(batch, device))
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        b = to_device(batch, device, keys)
+        out = objective.forward(engine, b)
+        loss, named = _total(objective, methods, out, b, out, 1.0)
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach())
+        terms.append(named)
     # One wait for the device per optimizer step, not one per micro-batch as loss.item() would.
-    return sum(torch.stack(losses).tolist()) / len(losses)
+    return sum(torch.stack(losses).tolist()) / len(losses), _means(terms), out
 
 
 def accumulate_features(
-    engine: Any, batches: list[dict[str, Any]], loss_fn: ContrastiveLoss, device: torch.device
-) -> float:
+    engine: Any,
+    batches: list[dict[str, Any]],
+    objective: Objective,
+    device: torch.device,
+    methods: Sequence[Method] = (),
+    keys: Sequence[str] = ("image", "text"),
+) -> tuple[float, dict[str, float], Outputs]:
     """open_clip's feature cache: negatives span all micro-batches of the optimizer step.
 
-    A no-grad pass caches every micro-batch's features; then each micro-batch is re-encoded with
-    gradients and the full-batch loss is backpropagated through its rows only. The per-pass
-    gradients sum to the gradient of the full-batch loss, so they are not divided by the
-    accumulation count.
+    A no-grad pass caches every micro-batch's per-sample outputs; then each micro-batch is
+    re-encoded with gradients and the full-batch loss is backpropagated through its rows only.
+    The per-pass gradients sum to the gradient of the full-batch loss, so they are not divided by
+    the accumulation count; a method's per-micro-batch terms are, to stay means over the step.
     """
     # Both passes read the same device copies: one host-to-device transfer per micro-batch, for
     # holding the step's inputs on the device (small next to one micro-batch's activations).
-    inputs = [_to_device(b, device) for b in batches]
+    inputs = [to_device(b, device, keys) for b in batches]
     with torch.no_grad():
-        cached = [_features(engine, x) for x in inputs]
-    loss = None
+        cached = [objective.forward(engine, x) for x in inputs]
+    loss = torch.zeros(())
+    terms = []
+    out: Outputs = {}
     for j, x in enumerate(inputs):
-        out = _features(engine, x)
-        images = [out["image_features"] if i == j else c["image_features"] for i, c in enumerate(cached)]
-        texts = [out["text_features"] if i == j else c["text_features"] for i, c in enumerate(cached)]
-        loss = loss_fn(torch.cat(images), torch.cat(texts), out["logit_scale"])
+        out = objective.forward(engine, x)
+        full = {
+            k: torch.cat([out[k] if i == j else c[k] for i, c in enumerate(cached)])
+            if k in objective.sample_outputs
+            else v
+            for k, v in out.items()
+        }
+        loss, named = _total(objective, methods, full, x, out, 1.0 / len(inputs))
         engine.backward(loss, scale_wrt_gas=False)
         engine.step()
-    return loss.item()
+        terms.append(named)
+    return loss.item(), _means(terms), out
 
 
 def optimizer_steps(
     engine: Any,
     batches: Iterator[dict[str, Any]],
-    loss_fn: ContrastiveLoss,
+    objective: Objective,
+    methods: Sequence[Method],
     accum_steps: int,
     mode: str,
     device: torch.device,
-) -> Iterator[dict[str, Any]]:
-    """Run optimizer steps forever (until `batches` ends), yielding one record per step."""
-    accumulate: Callable[..., float] = accumulate_features if mode == "features" else accumulate_gradients
+    inputs: Sequence[str] = ("image", "text"),
+) -> Iterator[StepRecord]:
+    """Run optimizer steps until `batches` ends, yielding one record per step; `inputs` go to the device."""
+    accumulate = accumulate_features if mode == "features" else accumulate_gradients
     while True:
         t0 = time.perf_counter()
         micro: list[dict[str, Any]] = []
@@ -94,11 +146,6 @@ def optimizer_steps(
                 return
             micro.append(batch)
         t1 = time.perf_counter()
-        loss = accumulate(engine, micro, loss_fn, device)
-        t2 = time.perf_counter()
-        yield {
-            "loss": loss,
-            "data_wait": t1 - t0,
-            "compute": t2 - t1,
-            "batches": micro,
-        }
+        loss, terms, outputs = accumulate(engine, micro, objective, device, methods, inputs)
+        objective.after_step(outputs)
+        yield StepRecord(loss, terms, t1 - t0, time.perf_counter() - t1, micro, outputs)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-from torch import nn
 
 from trainer.config import Config, ModelConfig
 from trainer.engine import resolve_precision
@@ -20,7 +20,7 @@ GIB = 2**30
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 STAT_BYTES = 4  # LayerNorm mean/rstd and attention log-sum-exp stay fp32 under bf16/fp16 too
 INDEX_BYTES = 8  # token ids, pooling indices and loss labels are int64
-LOSS_BYTES = 4  # trainer.loss computes features and logits in fp32 under every precision
+LOSS_BYTES = 4  # the CLIP objective computes features and logits in fp32 under every precision
 KERNELS = ("efficient", "math")
 
 
@@ -58,10 +58,18 @@ def towers(cfg: dict, force_quick_gelu: bool = False) -> tuple[Tower, Tower]:
         raise ModelError("memory estimate: attentional pooling (vision_cfg.attentional_pool) is not modelled")
     quick = bool(cfg.get("quick_gelu", False) or force_quick_gelu)
     (ih, iw), (ph, pw) = _pair(v.image_size), _pair(v.patch_size)
-    vision = Tower((ih // ph) * (iw // pw) + 1, v.width, v.layers, v.width // v.head_width,
-                   int(v.width * v.mlp_ratio), quick, v.ls_init_value is not None)
-    text = Tower(t.context_length, t.width, t.layers, t.heads, int(t.width * t.mlp_ratio), quick,
-                 t.ls_init_value is not None)
+    vision = Tower(
+        (ih // ph) * (iw // pw) + 1,
+        v.width,
+        v.layers,
+        v.width // v.head_width,
+        int(v.width * v.mlp_ratio),
+        quick,
+        v.ls_init_value is not None,
+    )
+    text = Tower(
+        t.context_length, t.width, t.layers, t.heads, int(t.width * t.mlp_ratio), quick, t.ls_init_value is not None
+    )
     return vision, text
 
 
@@ -84,8 +92,13 @@ def block_bytes(tower: Tower, batch: int, act: int, checkpointing: bool, kernel:
 
 
 def activation_bytes(
-    cfg: dict, batch: int, precision: str, checkpointing: bool, kernel: str = "efficient",
-    logits: tuple[int, int] | None = None, force_quick_gelu: bool = False,
+    cfg: dict,
+    batch: int,
+    precision: str,
+    checkpointing: bool,
+    kernel: str = "efficient",
+    logits: tuple[int, int] | None = None,
+    force_quick_gelu: bool = False,
 ) -> int:
     """Bytes autograd saves for backward in one forward of model + contrastive loss on `batch` pairs."""
     act = ACT_BYTES[precision]
@@ -130,8 +143,11 @@ def loss_shape(micro: int, world: int, cfg: Config) -> tuple[int, int]:
 
 
 def measure_saved_bytes(
-    model: nn.Module, images: torch.Tensor, texts: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], checkpointing: bool,
+    model: Any,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    checkpointing: bool,
 ) -> int:
     """Unique non-parameter storage bytes autograd saves in one forward of `model` + `loss_fn`."""
     model.set_grad_checkpointing(checkpointing)
@@ -158,7 +174,7 @@ def measure_saved_bytes(
     return sum(saved.values())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def param_counts(name: str) -> tuple[int, int]:
     """(total, largest layer) parameters of a model, counted by DeepSpeed on the model the trainer builds."""
     return _deepspeed()[2](create_model(ModelConfig(name=name, attention="sdpa"))[0])
@@ -183,14 +199,19 @@ def state_rows(total: int, largest: int, gpus_per_node: int, nodes: int) -> list
     # GPU (2 bytes of 16-bit params + 18 of grads, fp32 master and Adam per param). ZeRO-1 shares
     # DeepSpeed's stage_1_and_2 optimizer but keeps the 16-bit grads whole: ZeRO-2 plus the grads'
     # unpartitioned share (all 2 bytes per param when offloaded: ZeRO-2-offload keeps none on GPU).
-    rows = [StateRow(0, "none", zero2(total, 1, 1, cpu_offload=False)[1], cpu),
-            StateRow(1, "none", gpu + 2 * total - 2 * total // world, cpu),
-            StateRow(1, "cpu optimizer", off_gpu + 2 * total, off_cpu),
-            StateRow(2, "none", gpu, cpu),
-            StateRow(2, "cpu optimizer", off_gpu, off_cpu)]
+    rows = [
+        StateRow(0, "none", zero2(total, 1, 1, cpu_offload=False)[1], cpu),
+        StateRow(1, "none", gpu + 2 * total - 2 * total // world, cpu),
+        StateRow(1, "cpu optimizer", off_gpu + 2 * total, off_cpu),
+        StateRow(2, "none", gpu, cpu),
+        StateRow(2, "cpu optimizer", off_gpu, off_cpu),
+    ]
     # zero_init=False: the trainer builds the model whole, then hands it to deepspeed.initialize.
-    for offload, opt, param in (("none", False, False), ("cpu optimizer", True, False),
-                                ("cpu optimizer+param", True, True)):
+    for offload, opt, param in (
+        ("none", False, False),
+        ("cpu optimizer", True, False),
+        ("cpu optimizer+param", True, True),
+    ):
         z3 = zero3(total, largest, gpus_per_node, nodes, cpu_offload=opt, cpu_offload_params=param, zero_init=False)
         rows.append(StateRow(3, offload, z3[1], z3[0]))
     return rows
@@ -232,23 +253,43 @@ def memory_report(cfg: Config, gpus_per_node: int, nodes: int, gpu_mem_gib: floa
     micro = cfg.train.micro_batch
     rows = []
     for r in state_rows(total, largest, gpus_per_node, nodes):
-        row: dict[str, Any] = {"stage": r.stage, "offload": r.offload, "states_gpu": r.gpu_bytes,
-                               "states_cpu_node": r.cpu_bytes}
+        row: dict[str, Any] = {
+            "stage": r.stage,
+            "offload": r.offload,
+            "states_gpu": r.gpu_bytes,
+            "states_cpu_node": r.cpu_bytes,
+        }
         for ckpt, key in ((False, "off"), (True, "on")):
             row[f"total_ckpt_{key}"] = r.gpu_bytes + activations(micro, ckpt) + working_set(micro)
-            row[f"max_micro_ckpt_{key}"] = max_micro_batch(
-                lambda b: r.gpu_bytes + activations(b, ckpt) + working_set(b) <= cap)
+
+            def fits(b: int, states: int = r.gpu_bytes, ckpt: bool = ckpt) -> bool:
+                return states + activations(b, ckpt) + working_set(b) <= cap
+
+            row[f"max_micro_ckpt_{key}"] = max_micro_batch(fits)
         rows.append(row)
     ds, per_step = cfg.deepspeed, micro * world
-    offload = "cpu optimizer+param" if ds.offload_param != "none" else (
-        "cpu optimizer" if ds.offload_optimizer != "none" else "none")  # nvme is offloaded too
+    offload = (
+        "cpu optimizer+param"
+        if ds.offload_param != "none"
+        else ("cpu optimizer" if ds.offload_optimizer != "none" else "none")
+    )  # nvme is offloaded too
     return {
-        "model": cfg.model.name, "params": total, "largest_layer_params": largest, "precision": precision,
-        "micro_batch": micro, "gpus_per_node": gpus_per_node, "nodes": nodes, "world": world,
+        "model": cfg.model.name,
+        "params": total,
+        "largest_layer_params": largest,
+        "precision": precision,
+        "micro_batch": micro,
+        "gpus_per_node": gpus_per_node,
+        "nodes": nodes,
+        "world": world,
         "global_batch": cfg.train.global_batch,
         # None: the trainer refuses this cluster size (global batch not a multiple of micro x world).
         "accumulation": cfg.train.global_batch // per_step if cfg.train.global_batch % per_step == 0 else None,
-        "gpu_mem_gib": gpu_mem_gib, "zero_stage": ds.zero_stage, "config_offload": offload,
-        "activations_ckpt_off": activations(micro, False), "activations_ckpt_on": activations(micro, True),
-        "working_set": working_set(micro), "rows": rows,
+        "gpu_mem_gib": gpu_mem_gib,
+        "zero_stage": ds.zero_stage,
+        "config_offload": offload,
+        "activations_ckpt_off": activations(micro, False),
+        "activations_ckpt_on": activations(micro, True),
+        "working_set": working_set(micro),
+        "rows": rows,
     }

@@ -6,8 +6,9 @@ import dataclasses
 import difflib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import open_clip
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from trainer.attention import FusedAttention, is_causal_mask, xformers_problem
 from trainer.config import ModelConfig
+from trainer.errors import UserError
 from trainer.text_trim import TrimmedTokenizer, allow_short_text
 
 log = logging.getLogger(__name__)
@@ -25,12 +27,10 @@ ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "torch")
 _SUPPORTED_HINT = "use an open_clip-native ViT CLIP config such as ViT-B-32"
 _ZOO_DIR = Path(open_clip.__file__).parent / "model_configs"
 # open_clip's TextTransformer options that build CustomResidualAttentionBlock (no nn.MultiheadAttention).
-_CUSTOM_BLOCK_KEYS = (
-    "qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc"
-)
+_CUSTOM_BLOCK_KEYS = ("qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A user-facing model error; the CLI prints the one-line message and exits 2."""
 
 
@@ -69,9 +69,7 @@ def model_config(name: str) -> dict:
     if _is_json_path(name):
         return _read_json_config(Path(name))
     if ":" in name:  # hf-hub: / local-dir: would download or need weights next to the config
-        raise ModelError(
-            f"model.name: {name!r} is not supported; give an open_clip zoo name or a .json config file"
-        )
+        raise ModelError(f"model.name: {name!r} is not supported; give an open_clip zoo name or a .json config file")
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         models = open_clip.list_models()
@@ -119,8 +117,7 @@ def _register(name: str, cfg: dict) -> str:
     if zoo_file.is_file():
         if json.loads(zoo_file.read_text()) != cfg:
             raise ModelError(
-                f"{name}: the file name {stem!r} is an open_clip zoo model with a different config; "
-                "rename the file"
+                f"{name}: the file name {stem!r} is an open_clip zoo model with a different config; rename the file"
             )
         return stem
     # open_clip registers by stem and rescans in order, so the file added last wins its stem.
@@ -194,12 +191,12 @@ def _logit_scale_in(
         state_dict[key] = value.reshape(1)
 
 
-def _image_in_weight_dtype(visual: nn.Module, args: tuple) -> tuple:
+def _image_in_weight_dtype(visual: Any, args: tuple) -> tuple:
     """Forward pre-hook: cast the image batch to the tower's weight dtype."""
     return (args[0].to(visual.conv1.weight.dtype), *args[1:])
 
 
-def accept_fp32_images(model: nn.Module) -> None:
+def accept_fp32_images(model: Any) -> None:
     """Let the image tower take fp32 batches after DeepSpeed casts it to bf16/fp16.
 
     open_clip casts the text embeddings to the weights' dtype but feeds images straight into
@@ -209,7 +206,7 @@ def accept_fp32_images(model: nn.Module) -> None:
     model.visual.register_forward_pre_hook(_image_in_weight_dtype)
 
 
-def make_zero_safe(model: nn.Module) -> None:
+def make_zero_safe(model: Any) -> None:
     """Make logit_scale shape [1] for DeepSpeed (0-dim params crash it) while state_dict stays open_clip's."""
     scale = model.logit_scale
     if scale.ndim != 0:
@@ -227,10 +224,11 @@ def open_clip_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def create_model(
-    cfg: ModelConfig, device: torch.device | str = "cpu"
-) -> tuple[nn.Module, Callable, Callable, Callable]:
-    """Build (model, preprocess_train, preprocess_val, tokenizer): fp32, random init, DeepSpeed-ready."""
+def create_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[Any, Callable, Callable, Callable]:
+    """Build (model, preprocess_train, preprocess_val, tokenizer): fp32, random init, DeepSpeed-ready.
+
+    The model is an open_clip CLIP, typed Any: its towers' attributes are dynamic to type checkers.
+    """
     device = torch.device(device)
     backend = resolve_backend(cfg.attention, device)
     config = model_config(cfg.name)

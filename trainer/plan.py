@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from fractions import Fraction
+from typing import Any
 
 from trainer.config import Config, ConfigError
+from trainer.years import select
 
 
 @dataclass(frozen=True)
@@ -49,26 +53,30 @@ class Plan:
         return {"strategy": self.strategy, "steps": [s.to_dict() for s in self.steps]}
 
 
-def apportion(total: int, weights: Mapping[str, float]) -> dict[str, int]:
-    """Integers proportional to `weights` that sum exactly to `total` (largest remainder)."""
-    keys = list(weights)
-    norm = sum(weights.values())
-    if norm <= 0:
-        raise ValueError("apportion: weights must have a positive sum")
-    exact = [total * weights[k] / norm for k in keys]
-    out = [int(x) for x in exact]
-    by_remainder = sorted(range(len(keys)), key=lambda i: (-(exact[i] - out[i]), i))
-    for i in by_remainder[: total - sum(out)]:
+def apportion(total: int, weights: Mapping[str, float], multiple: int = 1) -> dict[str, int]:
+    """Integers proportional to `weights`, each a multiple of `multiple`, summing exactly to `total`.
+
+    Largest remainder in exact arithmetic, ties to the earlier key: the one quota rule of the
+    planner (a step's per-year samples) and the sampler (the same split in whole stream units).
+    """
+    if total % multiple:
+        raise ValueError(f"apportion: total {total} is not a multiple of {multiple}")
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"apportion: weights must be non-negative with a positive sum, got {dict(weights)}")
+    keys, units = list(weights), total // multiple
+    norm = sum(Fraction(w) for w in weights.values())
+    exact = [Fraction(weights[k]) * units / norm for k in keys]
+    out = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(keys)), key=lambda i: (out[i] - exact[i], i))
+    for i in by_remainder[: units - sum(out)]:
         out[i] += 1
-    return dict(zip(keys, out))
+    return {k: q * multiple for k, q in zip(keys, out)}
 
 
 def group_years(years: list[str], first_step_years: int) -> list[list[str]]:
     """TiC groups the first years into one step (2014-2016), then one year per step."""
     if first_step_years > len(years):
-        raise ConfigError(
-            f"plan.first_step_years: {first_step_years} exceeds the {len(years)} years of the plan"
-        )
+        raise ConfigError(f"plan.first_step_years: {first_step_years} exceeds the {len(years)} years of the plan")
     return [years[:first_step_years]] + [[y] for y in years[first_step_years:]]
 
 
@@ -115,8 +123,7 @@ def make_plan(cfg: Config, sizes: Mapping[str, int], years: list[str] | None = N
         steps = budget // batch
         if steps < 1:
             raise ConfigError(
-                f"train.samples: step {k} ({new[-1]}) has {budget} samples, fewer than one "
-                f"global batch of {batch}"
+                f"train.samples: step {k} ({new[-1]}) has {budget} samples, fewer than one global batch of {batch}"
             )
         samples = steps * batch
         warmup = cfg.optim.warmup_steps
@@ -141,19 +148,8 @@ def make_plan(cfg: Config, sizes: Mapping[str, int], years: list[str] | None = N
 
 
 def select_steps(plan: Plan, years: str) -> list[YearStep]:
-    """The steps `--years` asks for: '2019..2022', '2019,2021' or '' (all), matched on step tags."""
+    """The steps `--years` asks for ('' = all), matched on step tags (trainer/years.py has the syntax)."""
     if not years:
         return list(plan.steps)
-    tags = [s.tag for s in plan.steps]
-    if ".." in years:
-        lo, _, hi = years.partition("..")
-        chosen = [s for s in plan.steps if (not lo or s.tag >= lo) and (not hi or s.tag <= hi)]
-    else:
-        wanted = {y.strip() for y in years.split(",")}
-        unknown = sorted(wanted - set(tags))
-        if unknown:
-            raise ConfigError(f"--years: {', '.join(unknown)} is not a step of the plan (steps: {', '.join(tags)})")
-        chosen = [s for s in plan.steps if s.tag in wanted]
-    if not chosen:
-        raise ConfigError(f"--years: {years} selects no step of the plan (steps: {', '.join(tags)})")
-    return chosen
+    chosen = set(select(years, [s.tag for s in plan.steps], "step of the plan"))
+    return [s for s in plan.steps if s.tag in chosen]

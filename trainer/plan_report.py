@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any, cast
 
-from trainer.config import Config
+from trainer.config import Config, Strategy
 from trainer.plan import Plan, make_plan
 
 STRATEGIES = ["sequential", "cumulative-all", "cumulative-exp", "cumulative-equal", "replay", "restart"]
@@ -19,7 +20,7 @@ def _human(n: float) -> str:
 
 
 def plan_for(cfg: Config, sizes: Mapping[str, int], strategy: str) -> Plan:
-    return make_plan(replace(cfg, plan=replace(cfg.plan, strategy=strategy)), sizes)
+    return make_plan(replace(cfg, plan=replace(cfg.plan, strategy=cast(Strategy, strategy))), sizes)
 
 
 def summary(plan: Plan, flops_per_sample: int, restart: Plan) -> dict[str, Any]:
@@ -41,9 +42,7 @@ def step_table(plan: Plan) -> str:
             f"{y}: {s.quotas[y] / s.samples:.3f} ({_human(s.pool[y])}{' buf' if y in s.buffered else ''})"
             for y in s.quotas
         )
-        lines.append(
-            f"{s.index:>4}  {s.tag:<6} {_human(s.samples):>9} {s.steps:>8} {s.warmup:>6} {s.init:<8}  {years}"
-        )
+        lines.append(f"{s.index:>4}  {s.tag:<6} {_human(s.samples):>9} {s.steps:>8} {s.warmup:>6} {s.init:<8}  {years}")
     return "\n".join(lines)
 
 
@@ -63,13 +62,17 @@ def assumptions(cfg: Config, sizes: Mapping[str, int], flops: int, assumed_sizes
         f"- model {cfg.model.name}: {flops / 3:.3e} forward FLOPs per image-text pair, training = 3x forward",
         f"- per-step budget: {_human(budget) + ' samples' if budget else 'one pass over the step data'}, "
         f"global batch {cfg.train.global_batch}",
-        f"- restart retrains from scratch each step with {'the step budget x steps so far' if cfg.plan.restart_budget == 'grow' else 'the step budget'}"
+        "- restart retrains from scratch each step with "
+        f"{'the step budget x steps so far' if cfg.plan.restart_budget == 'grow' else 'the step budget'}"
         " (TiC-CLIP's oracle)",
         "- warm-start cumulative over T steps with a fixed budget costs T budgets; restart costs "
         "T(T+1)/2, so the saving is (T+1)/2x",
     ]
     if assumed_sizes:
-        notes.append(f"- data not readable here: every year assumed to hold {_human(next(iter(sizes.values())))} samples (--year-size)")
+        notes.append(
+            "- data not readable here: every year assumed to hold "
+            f"{_human(next(iter(sizes.values())))} samples (--year-size)"
+        )
     return "assumptions:\n" + "\n".join(notes)
 
 
@@ -82,11 +85,15 @@ def memory_table(report: Mapping[str, Any]) -> str:
     r = report
     label = f"{r['config']}: " if r.get("config") else ""
     if r["accumulation"]:
-        batches = (f"global batch {r['global_batch']} = micro-batch {r['micro_batch']} x {r['world']} GPUs x "
-                   f"{r['accumulation']} accumulation step{'s' if r['accumulation'] > 1 else ''}")
+        batches = (
+            f"global batch {r['global_batch']} = micro-batch {r['micro_batch']} x {r['world']} GPUs x "
+            f"{r['accumulation']} accumulation step{'s' if r['accumulation'] > 1 else ''}"
+        )
     else:
-        batches = (f"note: global batch {r['global_batch']} is not a multiple of micro-batch x GPUs = "
-                   f"{r['micro_batch']} x {r['world']}; the trainer refuses this cluster size")
+        batches = (
+            f"note: global batch {r['global_batch']} is not a multiple of micro-batch x GPUs = "
+            f"{r['micro_batch']} x {r['world']}; the trainer refuses this cluster size"
+        )
     lines = [
         f"{label}{r['model']}, {_human(r['params'])} params (largest layer {_human(r['largest_layer_params'])}), "
         f"{r['precision']}, micro-batch {r['micro_batch']}, {r['gpus_per_node']} GPUs x {r['nodes']} nodes "

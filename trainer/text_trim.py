@@ -10,7 +10,8 @@ tower (on the 64 px benchmark, captions of at most 12 of 32 tokens: ~18% of the 
 from __future__ import annotations
 
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import open_clip
 import torch
@@ -56,7 +57,7 @@ def _encode_text(self: open_clip.CLIP, text: torch.Tensor, normalize: bool = Fal
     return F.normalize(x, dim=-1) if normalize else x
 
 
-def allow_short_text(model: nn.Module) -> bool:
+def allow_short_text(model: Any) -> bool:
     """Make `model` accept trimmed text batches when that is exact; True if it does now.
 
     Exact needs open_clip's own CLIP text tower (CustomTextCLIP towers build their own masks),

@@ -1,39 +1,68 @@
-"""The DataLoader of one plan step: the step's quotas -> rehearsal sampler -> rank's batches."""
+"""The data of one plan step: the step's quotas -> rehearsal sampler -> the rank's DataLoader, resumably."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from torch.utils.data import DataLoader
 
 from trainer.config import Config, ConfigError
-from trainer.data.pipeline import StreamDataset, build_loader
-from trainer.data.rehearsal import RehearsalSampler, split_quotas
+from trainer.data.pipeline import StreamDataset, Transform, build_loader
+from trainer.data.rehearsal import RehearsalSampler, stream_count, streams_per_rank
 from trainer.data.shards import YearShards
 from trainer.distributed import DistInfo
-from trainer.plan import YearStep
+from trainer.plan import YearStep, apportion
 
 
-def step_loader(
+class StepData:
+    """A plan step's loader and where this rank stands in it; Stateful as the sampler's global state.
+
+    `batches` is the count of micro-batches per rank the loop has consumed in the step; it says
+    which sampler state `state_dict` returns.
+    """
+
+    def __init__(self, loader: DataLoader, dataset: StreamDataset, dist: DistInfo, workers: int) -> None:
+        self.loader, self.dataset, self.dist, self.workers = loader, dataset, dist, workers
+        self.batches = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dataset.state_dict(self.batches)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a saved state (before the loader is iterated), re-split for this world and workers."""
+        self.dataset.sampler.load_state_dict(state, self.dist.world_size, self.workers)
+        self.dataset.check_sampler()
+
+    def cursors(self) -> dict[str, int]:
+        """Per-year read positions after the consumed batches, where the next plan step reads on."""
+        return self.dataset.sampler.cursors(self.batches * self.dataset.micro_batch * self.dist.world_size)
+
+    def at_stream_boundary(self) -> bool:
+        """Every worker stream has delivered the same count, so the state is plain per-year cursors."""
+        return self.batches % streams_per_rank(self.workers) == 0
+
+
+def step_data(
     cfg: Config,
     dist: DistInfo,
     step: YearStep,
     shards: Mapping[str, YearShards],
     preprocess: Callable[..., Any],
     tokenizer: Callable[..., Any],
-    start: Optional[Mapping[str, int]] = None,
-    state: Optional[Mapping[str, Any]] = None,
-) -> tuple[DataLoader, StreamDataset]:
-    """Loader for `step`, fresh from per-year cursors `start` or resumed from a sampler `state`."""
+    start: Mapping[str, int] | None = None,
+    views: Mapping[str, Transform] | None = None,
+) -> StepData:
+    """The data of `step`, reading each year on from cursors `start` (load a saved state to resume instead)."""
     workers = cfg.data.workers
-    streams = dist.world_size * max(workers, 1)
+    streams = stream_count(dist.world_size, workers)
     if step.samples % streams:
         raise ConfigError(
             f"data.workers: step {step.tag} has {step.samples} samples, not divisible over "
-            f"{dist.world_size} ranks x {max(workers, 1)} workers"
+            f"{dist.world_size} ranks x {streams_per_rank(workers)} workers"
         )
     # Every stream draws whole samples, so a year's quota is exact when it is a multiple of S.
-    quotas = split_quotas(step.quotas, step.samples, multiple=streams)
+    quotas = apportion(step.samples, step.quotas, multiple=streams)
     pools = {y: shards[y].subset(step.pool[y], cfg.train.seed, y) if y in step.buffered else shards[y] for y in quotas}
     if start is not None:
         # A buffer is its own small order, read from its start; whole years read on.
@@ -48,8 +77,6 @@ def step_loader(
         step=step.index,
         start=start,
     )
-    if state is not None:
-        sampler.load_state_dict(state, dist.world_size, workers)
     dataset = StreamDataset(
         sampler,
         rank=dist.rank,
@@ -60,5 +87,6 @@ def step_loader(
         tokenizer=tokenizer,
         seed=cfg.train.seed,
         max_bad_frac=cfg.data.max_bad_frac,
+        views=views,
     )
-    return build_loader(dataset, cfg.data.prefetch_factor), dataset
+    return StepData(build_loader(dataset, cfg.data.prefetch_factor), dataset, dist, workers)

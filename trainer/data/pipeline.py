@@ -20,7 +20,7 @@ import json
 import logging
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from itertools import islice
 from typing import IO, Any, NamedTuple
 
@@ -29,12 +29,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.data.order import stable_hash
-from trainer.data.rehearsal import Ref, RehearsalSampler
+from trainer.data.rehearsal import Ref, RehearsalSampler, streams_per_rank
 from trainer.data.shards import DataError, iter_samples, open_shard
+from trainer.layout import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # The bad fraction is judged over at least this many samples, so one early bad sample in a
 # stream does not fail a run that allows 1%.
 MIN_SAMPLES = 100
@@ -46,6 +46,8 @@ class Item(NamedTuple):
     caption: str
     cls: int
     meta: dict[str, Any]
+    views: dict[str, torch.Tensor] = {}
+    """Extra image views an objective asked for, by batch key."""
 
 
 class _OpenShard:
@@ -110,9 +112,28 @@ class _Reader:
         self.open.clear()
 
 
-def decode(sample: dict[str, Any], preprocess: Callable[[Image.Image], torch.Tensor], seed: int) -> Item | str:
-    """The preprocessed sample, or the reason it is unusable."""
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+def _augment(transform: Transform, image: Image.Image, aug_seed: int) -> torch.Tensor:
+    """`transform(image)` with its randomness drawn from `aug_seed` alone, the caller's RNGs untouched."""
+    # Only the CPU generator is seeded: torch.manual_seed would also queue a CUDA reseed, with a
+    # formatted stack trace, on every sample.
+    state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(aug_seed)
+            random.seed(aug_seed)  # timm-style transforms draw from Python's RNG
+            return transform(image)
+    finally:
+        random.setstate(state)
+
+
+def decode(
+    sample: dict[str, Any], preprocess: Transform, seed: int, views: Mapping[str, Transform] | None = None
+) -> Item | str:
+    """The preprocessed sample (and its extra `views`), or the reason it is unusable."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
         return "no_image"
     if "txt" not in sample:
@@ -126,23 +147,16 @@ def decode(sample: dict[str, Any], preprocess: Callable[[Image.Image], torch.Ten
         image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
     except Exception:  # noqa: BLE001 - PIL raises many types for damaged files
         return "bad_image"
-    # Augmentation randomness depends on (seed, key) only: not on the worker, nor the caller's RNG.
-    # Only the CPU generator is seeded: torch.manual_seed would also queue a CUDA reseed, with a
-    # formatted stack trace, on every sample.
-    aug_seed, state = stable_hash(seed, key), random.getstate()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(aug_seed)
-            random.seed(aug_seed)  # timm-style transforms draw from Python's RNG
-            tensor = preprocess(image)
-    finally:
-        random.setstate(state)
+    # Augmentation randomness depends on (seed, key[, view]) only: not on the worker, nor the
+    # caller's RNG, so a resumed run augments every sample as the uninterrupted run did.
+    tensor = _augment(preprocess, image, stable_hash(seed, key))
+    extra = {name: _augment(t, image, stable_hash(seed, key, name)) for name, t in (views or {}).items()}
     try:
         cls = int(sample["cls"]) if "cls" in sample else -1
         meta = json.loads(sample["json"]) if "json" in sample else {}
     except ValueError:
         cls, meta = -1, {}
-    return Item(key, tensor, caption, cls, meta)
+    return Item(key, tensor, caption, cls, meta, extra)
 
 
 class StreamDataset(IterableDataset):
@@ -160,32 +174,39 @@ class StreamDataset(IterableDataset):
         tokenizer: Callable[[list[str]], torch.Tensor],
         seed: int,
         max_bad_frac: float = 0.01,
+        views: Mapping[str, Transform] | None = None,
     ) -> None:
-        per_rank = max(workers, 1)
-        if sampler.streams != world * per_rank:
-            raise ValueError(
-                f"sampler has {sampler.streams} streams, world {world} x workers {per_rank} need "
-                f"{world * per_rank}; build or load_state_dict it for this world and workers"
-            )
-        if sampler.samples_per_stream % micro_batch:
-            raise ValueError(
-                f"{sampler.samples_per_stream} samples per stream are not whole micro-batches of {micro_batch}"
-            )
         self.sampler, self.rank, self.world, self.workers = sampler, rank, world, workers
         self.micro_batch, self.preprocess, self.tokenizer = micro_batch, preprocess, tokenizer
         self.seed, self.max_bad_frac = seed, max_bad_frac
+        self.views = dict(views or {})
+        self.check_sampler()
+
+    def check_sampler(self) -> None:
+        """The sampler must be split for this world and workers, in whole micro-batches per stream."""
+        per_rank = streams_per_rank(self.workers)
+        if self.sampler.streams != self.world * per_rank:
+            raise ValueError(
+                f"sampler has {self.sampler.streams} streams, world {self.world} x workers {per_rank} need "
+                f"{self.world * per_rank}; build or load_state_dict it for this world and workers"
+            )
+        if self.sampler.samples_per_stream % self.micro_batch:
+            raise ValueError(
+                f"{self.sampler.samples_per_stream} samples per stream are not whole micro-batches of "
+                f"{self.micro_batch}"
+            )
 
     def __len__(self) -> int:
-        return max(self.workers, 1) * self.sampler.samples_per_stream // self.micro_batch
+        return streams_per_rank(self.workers) * self.sampler.samples_per_stream // self.micro_batch
 
     def state_dict(self, batches: int) -> dict[str, Any]:
         """Sampler state after `batches` micro-batches per rank of the step (optimizer steps x accumulation)."""
         consumed = batches * self.micro_batch * self.world
         since = (consumed - self.sampler.consumed) // (self.micro_batch * self.world)
-        if since % max(self.workers, 1):
+        if since % streams_per_rank(self.workers):
             raise ValueError(
                 f"{batches} batches: workers have not all delivered the same count "
-                f"({since} since the loader started, {max(self.workers, 1)} workers)"
+                f"({since} since the loader started, {streams_per_rank(self.workers)} workers)"
             )
         return self.sampler.state_dict(consumed)
 
@@ -193,7 +214,7 @@ class StreamDataset(IterableDataset):
         info = get_worker_info()
         if info is not None and info.num_workers != self.workers:
             raise ValueError(f"dataset made for {self.workers} workers runs in {info.num_workers}")
-        stream = self.rank * max(self.workers, 1) + (info.id if info is not None else 0)
+        stream = self.rank * streams_per_rank(self.workers) + (info.id if info is not None else 0)
         reader = _Reader(self.sampler)
         try:
             yield from self._batches(stream, reader)
@@ -204,7 +225,7 @@ class StreamDataset(IterableDataset):
         seen = failed = 0
         for ref in self.sampler.stream(stream):
             raw, url = reader.get(ref)
-            got = decode(raw, self.preprocess, self.seed) if raw is not None else "missing"
+            got = decode(raw, self.preprocess, self.seed, self.views) if raw is not None else "missing"
             seen += 1
             if isinstance(got, str):
                 bad[got] += 1
@@ -261,6 +282,7 @@ class StreamDataset(IterableDataset):
             "meta": [it.meta for it in items],
             "year_counts": dict(Counter(years)),
             "bad": dict(bad),
+            **{name: torch.stack([it.views[name] for it in items]) for name in self.views},
         }
         bad.clear()
         return batch
@@ -268,7 +290,8 @@ class StreamDataset(IterableDataset):
 
 def build_loader(dataset: StreamDataset, prefetch_factor: int = 2) -> DataLoader:
     """The rank's DataLoader: whole batches from the dataset's workers, pinned when CUDA is used."""
-    extra = {"prefetch_factor": prefetch_factor} if dataset.workers > 0 else {}
+    # DataLoader refuses a prefetch factor without workers.
+    prefetch = prefetch_factor if dataset.workers > 0 else None
     return DataLoader(
         dataset,
         batch_size=None,
@@ -279,5 +302,5 @@ def build_loader(dataset: StreamDataset, prefetch_factor: int = 2) -> DataLoader
         # init_distributed trains on CUDA whenever it is available (and has set this rank's device
         # by now); pinned batches let the loop's non_blocking copies overlap with compute.
         pin_memory=torch.cuda.is_available(),
-        **extra,
+        prefetch_factor=prefetch,
     )

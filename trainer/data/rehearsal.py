@@ -12,7 +12,7 @@ global state is a handful of integers per year.
 A segment is the stretch of a step run with one S. Resuming with the same S continues the
 segment exactly; with another S a new segment starts at the advanced cursors, drawing what each
 year still owes. A stream can only realise whole samples, so a year's total over a segment is
-S x (its stream count): exact when its quota is divisible by S (`split_quotas(..., multiple=S)`
+S x (its stream count): exact when its quota is divisible by S (`plan.apportion(..., multiple=S)`
 makes it so), otherwise within S of the quota, with the step's grand total always exact.
 """
 
@@ -34,19 +34,14 @@ log = logging.getLogger(__name__)
 _CHUNK = 1024  # slots scheduled and located per numpy call
 
 
-def split_quotas(weights: Mapping[str, float], total: int, multiple: int = 1) -> dict[str, int]:
-    """Integer quotas in units of `multiple`, summing exactly to `total`, by largest remainder."""
-    if total % multiple:
-        raise ValueError(f"total {total} is not a multiple of {multiple}")
-    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-        raise ValueError(f"weights must be non-negative with a positive sum, got {dict(weights)}")
-    units, norm = total // multiple, sum(weights.values())
-    exact = {y: w / norm * units for y, w in weights.items()}
-    out = {y: math.floor(x) for y, x in exact.items()}
-    by_remainder = sorted(exact, key=lambda y: (out[y] - exact[y], y))
-    for y in by_remainder[: units - sum(out.values())]:
-        out[y] += 1
-    return {y: q * multiple for y, q in out.items()}
+def streams_per_rank(workers: int) -> int:
+    """A rank reads one stream per DataLoader worker, or one in its own process when workers = 0."""
+    return max(workers, 1)
+
+
+def stream_count(world: int, workers: int) -> int:
+    """S, the number of independent sample streams of a run: ranks x streams per rank."""
+    return world * streams_per_rank(workers)
 
 
 class Schedule:
@@ -118,7 +113,7 @@ class RehearsalSampler:
         unknown = sorted(set(quotas) - set(years))
         if unknown:
             raise DataError(f"year {unknown[0]}: has a quota but no shards")
-        streams = world * max(workers, 1)
+        streams = stream_count(world, workers)
         total = sum(quotas.values())
         if total <= 0 or total % streams or any(q < 0 for q in quotas.values()):
             raise ValueError(f"quotas {dict(quotas)}: need a positive total divisible by {streams} streams")
@@ -169,8 +164,12 @@ class RehearsalSampler:
                 name = self.names[y]
                 at = self._orders[name].locate(pos)
                 for i, p, q, g, t, m in zip(
-                    idx.tolist(), pos.tolist(), at.passes.tolist(), at.lanes.tolist(),
-                    at.shards.tolist(), at.members.tolist(),
+                    idx.tolist(),
+                    pos.tolist(),
+                    at.passes.tolist(),
+                    at.lanes.tolist(),
+                    at.shards.tolist(),
+                    at.members.tolist(),
                 ):
                     out[i] = Ref(name, p, q, g, t, m)
             yield from out  # type: ignore[misc]
@@ -241,7 +240,7 @@ class RehearsalSampler:
             self._orders = {y: YearOrder(y, self.years[y].sizes, self.lanes, self.seed) for y in self.names}
         old = Segment(**state["segment"])
         self._snapshot = None
-        streams = world * max(workers, 1)
+        streams = stream_count(world, workers)
         if streams == old.streams:
             self.segment = old
             return
@@ -270,5 +269,9 @@ class RehearsalSampler:
             if self.quotas[i] and (end - 1) // size > begin // size:
                 log.info(
                     "year %s: %d samples from %d per pass, so passes %d-%d (fresh shuffle each)",
-                    y, self.quotas[i], size, begin // size + 1, (end - 1) // size + 1,
+                    y,
+                    self.quotas[i],
+                    size,
+                    begin // size + 1,
+                    (end - 1) // size + 1,
                 )

@@ -14,13 +14,15 @@ import fsspec
 import numpy as np
 from braceexpand import braceexpand
 
+from trainer.errors import UserError
+from trainer.layout import SIZES, TRAIN
+
 log = logging.getLogger(__name__)
 
-SIZES = "sizes.json"
 _STATS = re.compile(r"^(.*)_stats\.json$")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data the user pointed us at is missing or broken; the message names the file, URL or key."""
 
 
@@ -64,7 +66,7 @@ class YearShards(Sequence[Shard]):
     def __repr__(self) -> str:
         return f"YearShards({self.prefix!r}, {len(self)} shards, {self.samples} samples)"
 
-    def subset(self, samples: int, seed: int, year: str) -> "YearShards":
+    def subset(self, samples: int, seed: int, year: str) -> YearShards:
         """A fixed replay buffer of exactly `samples`: whole shards in a seeded order, the last cut short.
 
         The shard order depends on (seed, year) only, so a smaller buffer of a later step is a
@@ -124,9 +126,7 @@ def count_samples(url: str) -> int:
     return n
 
 
-def find_years(
-    root: str, split: str = "train", years: list[str] | None = None
-) -> dict[str, YearShards]:
+def find_years(root: str, split: str = TRAIN, years: list[str] | None = None) -> dict[str, YearShards]:
     """Shards per year under <root>/<split>/<year>/ (or TiC-CLIP's <root>/<year>/), else {"all": ...}."""
     if "{" in root:
         if years:
@@ -179,7 +179,7 @@ def _read_sizes(fs: fsspec.AbstractFileSystem, path: str) -> tuple[list[str], np
         sizes = json.loads(fs.cat_file(path))
     except (OSError, ValueError) as e:
         raise DataError(f"{_url(fs, path)}: broken sizes file ({e})") from None
-    want = f"{_url(fs, path)}: broken sizes file (want {{\"000000.tar\": samples, ...}})"
+    want = f'{_url(fs, path)}: broken sizes file (want {{"000000.tar": samples, ...}})'
     if not isinstance(sizes, dict):
         raise DataError(want)
     names = sorted(sizes)
@@ -210,9 +210,7 @@ def _from_folder(fs: fsspec.AbstractFileSystem, path: str) -> YearShards:
     return YearShards(prefix, names, np.array(counts, dtype=np.int64))
 
 
-def _size_without_sizes_json(
-    fs: fsspec.AbstractFileSystem, path: str, prefix: str, name: str, files: set[str]
-) -> int:
+def _size_without_sizes_json(fs: fsspec.AbstractFileSystem, path: str, prefix: str, name: str, files: set[str]) -> int:
     """img2dataset's NNNNN_stats.json "successes" if present, else the shard read through."""
     stats = name[: -len(".tar")] + "_stats.json"
     if stats in files:

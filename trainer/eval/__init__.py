@@ -1,1 +1,1 @@
-"""TiC evaluation parts: metrics, eval-split reading, the year matrix, plots, run jobs (API: trainer.evaluate)."""
+"""TiC evaluation, imported one way: metrics -> matrix -> plots -> report -> data/evaluator -> checkpoints -> runs."""

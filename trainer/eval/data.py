@@ -25,6 +25,7 @@ from PIL import Image
 
 from trainer.data.pipeline import Item, decode
 from trainer.data.shards import DataError, YearShards, find_years, iter_samples, open_shard
+from trainer.layout import EVAL, MANIFEST, TRAIN
 
 log = logging.getLogger("tic")
 
@@ -83,10 +84,10 @@ def eval_years(root: str, years: list[str] | None) -> dict[str, YearShards]:
     """Each year's eval shards under <root>/eval/<year>/ (or {"all": ...} for a plain folder of shards)."""
     if "{" not in root:
         fs, path = fsspec.core.url_to_fs(root)
-        marks = [posixpath.join(path, name) for name in ("train", "manifest.json")]
-        if fs.isdir(path) and any(fs.exists(m) for m in marks) and not fs.isdir(posixpath.join(path, "eval")):
+        marks = [posixpath.join(path, name) for name in (TRAIN, MANIFEST)]
+        if fs.isdir(path) and any(fs.exists(m) for m in marks) and not fs.isdir(posixpath.join(path, EVAL)):
             raise DataError(f"{root}: no eval/<year>/ folders (tools/make_shards.py writes them; see --eval-frac)")
-    return find_years(root, "eval", years)
+    return find_years(root, EVAL, years)
 
 
 def read_block(shards: YearShards, start: int, stop: int, preprocess: Preprocess) -> Iterator[Item | str]:
@@ -156,14 +157,14 @@ def load_classes(root: str, path: str = "") -> ClassSpec | None:
         if "{" in root:
             return None
         fs, base = fsspec.core.url_to_fs(root)
-        manifest = posixpath.join(base, "manifest.json")
+        manifest = posixpath.join(base, MANIFEST)
         if not fs.isfile(manifest):
             return None
         try:
             spec = json.loads(fs.cat_file(manifest))
         except (OSError, ValueError) as e:
-            raise DataError(f"{root}/manifest.json: not readable JSON ({e})") from None
-        source = f"{root}/manifest.json"
+            raise DataError(f"{root}/{MANIFEST}: not readable JSON ({e})") from None
+        source = f"{root}/{MANIFEST}"
         if not isinstance(spec, dict) or not spec.get("classes"):
             return None
     classes, templates = spec.get("classes"), spec.get("templates") or ["a photo of a {}."]

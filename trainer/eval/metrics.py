@@ -16,11 +16,18 @@ TOPK = (1, 5)
 
 # Metric name -> what it means; retrieval names without "strict_" use caption matching.
 METRICS: dict[str, str] = {
-    **{f"{d}_R{k}": f"{label} Recall@{k}; any item whose caption text equals the query's own caption is a match"
-       for d, label in (("i2t", "image->text"), ("t2i", "text->image")) for k in KS},
+    **{
+        f"{d}_R{k}": f"{label} Recall@{k}; any item whose caption text equals the query's own caption is a match"
+        for d, label in (("i2t", "image->text"), ("t2i", "text->image"))
+        for k in KS
+    },
     **{f"mean_R{k}": f"mean of image->text and text->image Recall@{k} (caption match)" for k in KS},
-    **{f"strict_{d}_R{k}": f"{label} Recall@{k}; only the query's own pair is a match (position-based, "
-       "as clip_benchmark / open_clip)" for d, label in (("i2t", "image->text"), ("t2i", "text->image")) for k in KS},
+    **{
+        f"strict_{d}_R{k}": f"{label} Recall@{k}; only the query's own pair is a match (position-based, "
+        "as clip_benchmark / open_clip)"
+        for d, label in (("i2t", "image->text"), ("t2i", "text->image"))
+        for k in KS
+    },
     **{f"strict_mean_R{k}": f"mean of strict image->text and text->image Recall@{k}" for k in KS},
     "zs_top1": "zero-shot classification top-1 accuracy (class names x templates from the manifest)",
     "zs_top5": "zero-shot classification top-5 accuracy",

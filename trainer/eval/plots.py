@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -21,7 +20,7 @@ HEATMAPS = ("mean_R1", "strict_mean_R1", "i2t_R1", "t2i_R1", "mean_R5", "zs_top1
 _TITLES = {"in_domain": "in-domain", "backward": "backward transfer", "forward": "forward transfer"}
 
 
-def _pct(v: Optional[float]) -> str:
+def _pct(v: float | None) -> str:
     return "-" if v is None or math.isnan(v) else f"{100 * v:.1f}"
 
 
@@ -44,8 +43,15 @@ def heatmap(matrix: Matrix, metric: str, title: str = "") -> Figure:
         for j, year in enumerate(matrix.years):
             v = grid[i, j]
             dark = np.isfinite(v) and (v - low) < 0.5 * (high - low)
-            ax.text(j, i, "-" if not np.isfinite(v) else f"{v:.1f}", ha="center", va="center",
-                    fontsize=size, color="white" if dark else "black")
+            ax.text(
+                j,
+                i,
+                "-" if not np.isfinite(v) else f"{v:.1f}",
+                ha="center",
+                va="center",
+                fontsize=size,
+                color="white" if dark else "black",
+            )
             if relation(year, ref.train_years) == "in_domain":
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
     s = matrix.summary(metric)
@@ -54,7 +60,7 @@ def heatmap(matrix: Matrix, metric: str, title: str = "") -> Figure:
     return fig
 
 
-def save_heatmaps(matrix: Matrix, out_dir: Path, metrics: Optional[list[str]] = None) -> list[Path]:
+def save_heatmaps(matrix: Matrix, out_dir: Path, metrics: list[str] | None = None) -> list[Path]:
     """heatmap_<metric>.png for each of `metrics` that was measured (default: HEATMAPS) into `out_dir`."""
     paths = []
     measured = matrix.metrics()
@@ -93,7 +99,7 @@ def compare_figure(matrices: dict[str, Matrix], metric: str) -> Figure:
     return fig
 
 
-def _value(v: Optional[float]) -> float:
+def _value(v: float | None) -> float:
     return math.nan if v is None else 100 * v
 
 

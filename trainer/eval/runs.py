@@ -5,17 +5,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, ModelConfig
 from trainer.distributed import DistInfo, barrier, broadcast_object
+from trainer.eval.checkpoints import build_matrix, file_checkpoints, fingerprint, run_checkpoints
 from trainer.eval.data import eval_years
-from trainer.eval.matrix import (
-    CheckpointRef, Matrix, build_matrix, file_checkpoints, fingerprint, read_matrix, run_checkpoints, write_matrix,
-)
-from trainer.evaluate import EvalOptions, Evaluator, options_dict
-from trainer.export import run_config
+from trainer.eval.evaluator import EvalOptions, Evaluator, options_dict
+from trainer.eval.matrix import CheckpointRef, Matrix
+from trainer.eval.report import read_matrix, write_matrix
+from trainer.rundir import CheckpointError, RunDir
 
 log = logging.getLogger("tic")
 
@@ -24,7 +23,7 @@ log = logging.getLogger("tic")
 class EvalRequest:
     """One matrix to compute: from a run folder, from .pt files, or a run's settings with .pt files."""
 
-    run: Optional[Path] = None
+    run: Path | None = None
     checkpoints: list[str] = field(default_factory=list)
     """open_clip .pt files, PATH or YEAR=PATH; empty = the run's yearly checkpoints."""
     model: str = ""
@@ -32,11 +31,11 @@ class EvalRequest:
     quick_gelu: bool = False
     data: str = ""
     """Dataset root ('' = the run's data.root)."""
-    years: Optional[list[str]] = None
+    years: list[str] | None = None
     options: EvalOptions = field(default_factory=EvalOptions)
-    out: Optional[Path] = None
+    out: Path | None = None
     """Output folder (None = <run>/eval, or eval/ next to the first .pt file)."""
-    heatmaps: Optional[list[str]] = None
+    heatmaps: list[str] | None = None
     """Metrics to draw (None = plots.HEATMAPS)."""
 
 
@@ -53,7 +52,7 @@ class Resolved:
 
 def resolve(req: EvalRequest) -> Resolved:
     """Fill what the request leaves out from the run folder; one-line errors for what is missing."""
-    cfg = run_config(req.run) if req.run is not None else None
+    cfg = RunDir(req.run).load_config() if req.run is not None else None
     if req.quick_gelu and not req.model:
         raise ConfigError("--quick-gelu: goes with --model (a run's own model config already says)")
     if req.model:
@@ -99,7 +98,7 @@ def evaluate_request(req: EvalRequest, dist: DistInfo, reuse: bool = False) -> M
     return matrix
 
 
-def _current(path: Path, stamp: dict[str, Any]) -> Optional[dict[str, Any]]:
+def _current(path: Path, stamp: dict[str, Any]) -> dict[str, Any] | None:
     """The saved matrix as JSON if it was computed from exactly these inputs, else None."""
     if not path.is_file():
         return None

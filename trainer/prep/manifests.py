@@ -9,13 +9,14 @@ import math
 import os
 import posixpath
 import re
+from collections.abc import Iterator
 from datetime import date, datetime, timezone
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import braceexpand
 import fsspec
 
-from trainer.data.prep_config import PrepError
+from trainer.prep.options import PrepError
 
 MANIFEST_KINDS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
@@ -23,7 +24,7 @@ SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_BATCH = 65_536
 
 
-def parse_when(value: Any) -> tuple[int, Optional[str]]:
+def parse_when(value: Any) -> tuple[int, str | None]:
     """(year, ISO-8601 UTC timestamp or None) from a year, epoch seconds/ms, a date or a date string."""
     if isinstance(value, bool) or value is None or (isinstance(value, float) and math.isnan(value)):
         raise ValueError(f"no year in {value!r}")
@@ -94,7 +95,7 @@ def manifest_columns(url: str) -> list[str]:
         raise PrepError(f"--manifest {url}: cannot read it as {kind}: {error}") from error
 
 
-def iter_manifest(url: str, columns: list[Optional[str]]) -> Iterator[Optional[tuple[Any, ...]]]:
+def iter_manifest(url: str, columns: list[str | None]) -> Iterator[tuple[Any, ...] | None]:
     """Rows as tuples of the given columns (None for a column not asked for); None for an unparseable line."""
     kind = manifest_kind(url)
     if kind == "parquet":
@@ -129,8 +130,15 @@ def iter_manifest(url: str, columns: list[Optional[str]]) -> Iterator[Optional[t
             yield tuple(row[i] if i is not None else None for i in where)
 
 
-def pick_column(columns: list[str], given: Optional[str], candidates: tuple[str, ...], what: str, flag: str,
-                source: str, required: bool = True) -> Optional[str]:
+def pick_column(
+    columns: list[str],
+    given: str | None,
+    candidates: tuple[str, ...],
+    what: str,
+    flag: str,
+    source: str,
+    required: bool = True,
+) -> str | None:
     """The column to use: the one given (which must exist) or the first candidate present."""
     if given is not None:
         if given not in columns:
@@ -138,8 +146,10 @@ def pick_column(columns: list[str], given: Optional[str], candidates: tuple[str,
         return given
     found = next((c for c in candidates if c in columns), None)
     if found is None and required:
-        raise PrepError(f"{source} has no {what} column (looked for {', '.join(candidates)};"
-                        f" columns: {', '.join(columns) or 'none'}); name it with {flag}")
+        raise PrepError(
+            f"{source} has no {what} column (looked for {', '.join(candidates)};"
+            f" columns: {', '.join(columns) or 'none'}); name it with {flag}"
+        )
     return found
 
 

@@ -1,34 +1,28 @@
-"""open_clip-format checkpoints out (.pt or local-dir) and in (TiC-CLIP / open_clip .pt files)."""
+"""open_clip-format weights out (.pt or local-dir) and in (TiC-CLIP / open_clip .pt files), checked against a model."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
-from trainer.checkpoint import CheckpointError
-from trainer.config import Config, config_from_dict
+from trainer.config import Config
+from trainer.files import atomic_write
 from trainer.model import ModelError, model_config
-from trainer.weights import load_weights
+from trainer.rundir import CheckpointError, RunDir
+from trainer.weights.consolidate import load_weights
+
+LOCAL_DIR_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
+"""What open_clip's `local-dir:` loader reads, and all an export folder holds."""
 
 
-def run_config(run_dir: Path) -> Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir}: not a run folder (no config.yaml)")
-    return config_from_dict(yaml.safe_load(path.read_text()))
-
-
-def run_weights(run_dir: Path, tag: str, cfg: Config) -> dict[str, torch.Tensor]:
+def run_weights(run: RunDir, tag: str, cfg: Config) -> dict[str, torch.Tensor]:
     """fp32 weights of `tag` with the logit scale capped as training used it."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
+    ckpt_dir = run.checkpoints
     if not (ckpt_dir / tag).is_dir():
         have = sorted(p.name for p in ckpt_dir.glob("*") if p.is_dir()) if ckpt_dir.is_dir() else []
         raise CheckpointError(f"{ckpt_dir / tag}: no such checkpoint (have: {', '.join(have) or 'none'})")
@@ -39,45 +33,44 @@ def run_weights(run_dir: Path, tag: str, cfg: Config) -> dict[str, torch.Tensor]
     return weights
 
 
-def _epoch(run_dir: Path, tag: str) -> int:
+def _epoch(run: RunDir, tag: str) -> int:
     """open_clip's 'epoch' field: the number of plan steps this checkpoint has completed."""
-    state = json.loads((Path(run_dir) / "checkpoints" / tag / "trainer_state.json").read_text())
+    state = run.train_state(tag)
     return int(state["plan_step"]) + (1 if state.get("year_complete") else 0)
 
 
 def export_pt(run_dir: Path, tag: str, out: Path) -> Path:
     """{"state_dict", "epoch", "name"}: what `create_model_and_transforms(name, pretrained=out)` loads."""
-    cfg = run_config(run_dir)
-    payload = {"state_dict": run_weights(run_dir, tag, cfg), "epoch": _epoch(run_dir, tag), "name": cfg.logging.name}
+    run = RunDir(Path(run_dir))
+    cfg = run.load_config()
+    payload = {"state_dict": run_weights(run, tag, cfg), "epoch": _epoch(run, tag), "name": cfg.logging.name}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out, lambda tmp: torch.save(payload, tmp))
 
 
 def export_local_dir(run_dir: Path, tag: str, out: Path, preprocess_cfg: dict[str, Any]) -> Path:
     """open_clip_config.json + open_clip_model.safetensors, loadable as `local-dir:<out>`."""
     from safetensors.torch import save_file
 
-    cfg = run_config(run_dir)
-    weights = run_weights(run_dir, tag, cfg)
+    run = RunDir(Path(run_dir))
+    cfg = run.load_config()
+    weights = run_weights(run, tag, cfg)
     model_cfg = dict(model_config(cfg.model.name))
     if cfg.model.force_quick_gelu:
         model_cfg["quick_gelu"] = True
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        (tmp / LOCAL_DIR_FILES[0]).write_text(
+            json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=1)
+        )
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / LOCAL_DIR_FILES[1]))
+
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=1)
-    )
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "open_clip_model.safetensors"))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    if out.exists() and not (out.is_dir() and {p.name for p in out.iterdir()} <= set(LOCAL_DIR_FILES)):
+        raise CheckpointError(f"--out: {out} exists and is not an open_clip local-dir export; choose a new folder")
+    return atomic_write(out, write)
 
 
 def read_open_clip_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -86,7 +79,7 @@ def read_open_clip_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except Exception as e:  # pickle / zip errors differ by torch version; all mean "not loadable"
+    except Exception as e:  # noqa: BLE001 - pickle / zip errors differ by torch version; all mean "not loadable"
         raise CheckpointError(f"{path}: not a loadable open_clip checkpoint ({type(e).__name__})") from None
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

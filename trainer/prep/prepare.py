@@ -8,23 +8,24 @@ import signal
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any
 
 import fsspec
 from tqdm import tqdm
 
-from trainer.data import synthetic
-from trainer.data.images import ImageOptions
-from trainer.data.ingest import ManifestUnit, Routing, ShardUnit
-from trainer.data.prep_config import FORMAT, PrepError, PrepOptions
-from trainer.data.records import BAD_REASONS, FILTER_REASONS, SPLITS, Unit
-from trainer.data.sources import (iter_manifest, list_shards, manifest_base, manifest_columns, pick_column,
-                                  read_lines)
-from trainer.data.uid_years import build_uid_index, uid_list_files
-from trainer.data.writer import OutputTree, PackTask, StagingFile, pack_shard, read_json, staged_piece, write_json
+from trainer.layout import FORMAT, MANIFEST, SPLITS
+from trainer.prep import synthetic
+from trainer.prep.images import ImageOptions
+from trainer.prep.ingest import ManifestUnit, Routing, ShardUnit
+from trainer.prep.manifests import iter_manifest, list_shards, manifest_base, manifest_columns, pick_column, read_lines
+from trainer.prep.options import PrepError, PrepOptions
+from trainer.prep.records import BAD_REASONS, FILTER_REASONS, Unit
+from trainer.prep.uid_years import build_uid_index, uid_list_files
+from trainer.prep.writer import OutputTree, PackTask, StagingFile, pack_shard, read_json, staged_piece, write_json
 
 UNIT_ROWS = 2048
 SYNTHETIC_UNIT = 1000
@@ -37,7 +38,7 @@ class JobPlan:
     """What the input turned out to be, settled before anything is written."""
 
     units: Callable[[str], Iterable[Unit]]
-    unit_count: Optional[int]
+    unit_count: int | None
     source: dict[str, Any]
     resolved: dict[str, Any]
     extras: dict[str, Any]
@@ -50,10 +51,21 @@ def plan_job(options: PrepOptions) -> JobPlan:
     routing = Routing(options.eval_frac, tuple(years) if years else None)
     image = ImageOptions(options.image_size, options.resize_mode, options.image_format)
     if options.source == "synthetic":
-        units = synthetic.synthetic_units(years, options.samples_per_year, options.eval_samples, options.seed,
-                                          options.image_size, options.image_format, SYNTHETIC_UNIT)
-        extras = {"classes": synthetic.class_names(len(years)), "templates": list(synthetic.TEMPLATES),
-                  "classes_by_year": synthetic.classes_by_year(years)}
+        assert years is not None and options.image_size is not None  # synthetic defaults, set by PrepOptions
+        units = synthetic.synthetic_units(
+            years,
+            options.samples_per_year,
+            options.eval_samples,
+            options.seed,
+            options.image_size,
+            options.image_format,
+            SYNTHETIC_UNIT,
+        )
+        extras = {
+            "classes": synthetic.class_names(len(years)),
+            "templates": list(synthetic.TEMPLATES),
+            "classes_by_year": synthetic.classes_by_year(years),
+        }
         return JobPlan(lambda _: units, len(units), {"kind": "synthetic"}, {}, extras)
     if options.source == "manifest":
         return _plan_manifest(options, routing, image)
@@ -65,12 +77,15 @@ def _plan_manifest(options: PrepOptions, routing: Routing, image: ImageOptions) 
     columns = manifest_columns(url)
     where = f"--manifest {url}"
     picked = {
-        "image_col": pick_column(columns, options.image_col, ("image", "path", "filepath", "file", "url"),
-                                 "image", "--image-col", where),
-        "caption_col": pick_column(columns, options.caption_col, ("caption", "text", "txt", "title"),
-                                   "caption", "--caption-col", where),
-        "time_col": pick_column(columns, options.time_col, ("year", "timestamp", "date", "time"),
-                                "year/timestamp", "--time-col", where),
+        "image_col": pick_column(
+            columns, options.image_col, ("image", "path", "filepath", "file", "url"), "image", "--image-col", where
+        ),
+        "caption_col": pick_column(
+            columns, options.caption_col, ("caption", "text", "txt", "title"), "caption", "--caption-col", where
+        ),
+        "time_col": pick_column(
+            columns, options.time_col, ("year", "timestamp", "date", "time"), "year/timestamp", "--time-col", where
+        ),
         "uid_col": pick_column(columns, options.uid_col, ("uid",), "uid", "--uid-col", where, required=False),
         "class_col": pick_column(columns, options.class_col, (), "class", "--class-col", where, required=False),
     }
@@ -94,12 +109,19 @@ def _plan_shards(options: PrepOptions, routing: Routing, image: ImageOptions) ->
             raise PrepError(f"--uid-years {options.uid_years}: no such file")
 
     def units(scratch: str) -> list[Unit]:
-        index = None if year_field else build_uid_index(options.uid_years, options.uid_lists, options.uid_col,
-                                                         options.time_col, scratch)
+        index = (
+            None
+            if year_field
+            else build_uid_index(options.uid_years, options.uid_lists, options.uid_col, options.time_col, scratch)
+        )
         return [ShardUnit(url, routing, image, year_field, index) for url in shards]
 
-    source = {"kind": "shards", "input": options.input, "shards": len(shards),
-              "years_from": options.uid_lists or options.uid_years or f"json field {year_field}"}
+    source = {
+        "kind": "shards",
+        "input": options.input,
+        "shards": len(shards),
+        "years_from": options.uid_lists or options.uid_years or f"json field {year_field}",
+    }
     return JobPlan(units, len(shards), source, {"year_field": year_field}, _class_extras(options))
 
 
@@ -135,8 +157,11 @@ def ingest_unit(url: str, index: int, unit: Unit) -> dict[str, Any]:
         raise
     for piece in pieces.values():
         piece.commit()
-    result = {"seen": seen, "skipped": dict(sorted(skipped.items())),
-              "pieces": {f"{split}/{year}": piece.count for (split, year), piece in sorted(pieces.items())}}
+    result = {
+        "seen": seen,
+        "skipped": dict(sorted(skipped.items())),
+        "pieces": {f"{split}/{year}": piece.count for (split, year), piece in sorted(pieces.items())},
+    }
     write_json(tree.fs, tree.work("units", f"{index:06d}.json"), result)
     return result
 
@@ -199,10 +224,14 @@ def _check_counts(seen: int, skipped: Counter, max_bad_frac: float) -> None:
     bad = sum(skipped[r] for r in BAD_REASONS)
     reasons = ", ".join(f"{r} {n}" for r, n in sorted(skipped.items()) if n)
     if bad > max_bad_frac * usable_input:
-        raise PrepError(f"{bad} of {usable_input} input samples ({100 * bad / max(usable_input, 1):.1f}%) are unusable"
-                        f" ({reasons}), more than --max-bad-frac {max_bad_frac}; nothing was written")
+        raise PrepError(
+            f"{bad} of {usable_input} input samples ({100 * bad / max(usable_input, 1):.1f}%) are unusable"
+            f" ({reasons}), more than --max-bad-frac {max_bad_frac}; nothing was written"
+        )
     if usable_input - bad <= 0:
-        raise PrepError(f"no samples left out of {seen} input samples ({reasons or 'empty input'}); nothing was written")
+        raise PrepError(
+            f"no samples left out of {seen} input samples ({reasons or 'empty input'}); nothing was written"
+        )
 
 
 def prepare(options: PrepOptions) -> dict[str, Any]:
@@ -212,7 +241,7 @@ def prepare(options: PrepOptions) -> dict[str, Any]:
     created = tree.first_missing()
     wanted = options.output_options(plan.resolved)
     if tree.claim(wanted, options.overwrite):
-        return {**read_json(tree.fs, tree.path("manifest.json")), "already_complete": True}
+        return {**(read_json(tree.fs, tree.path(MANIFEST)) or {}), "already_complete": True}
     workers = 1 if tree.in_process_only else options.workers
     try:
         results = _ingest(tree, plan, workers, options.progress)
@@ -224,9 +253,15 @@ def prepare(options: PrepOptions) -> dict[str, Any]:
     except PrepError:
         tree.abandon(created)
         raise
+    assert options.shard_size is not None  # its default is set by PrepOptions
     tasks = pack_tasks(results, options.shard_size, options.seed)
-    for _ in tqdm(_parallel(pack_shard, ((tree.url, task) for task in tasks), workers), total=len(tasks),
-                  unit="shard", desc="pack", disable=not options.progress):
+    for _ in tqdm(
+        _parallel(pack_shard, ((tree.url, task) for task in tasks), workers),
+        total=len(tasks),
+        unit="shard",
+        desc="pack",
+        disable=not options.progress,
+    ):
         pass
     sizes: dict[str, dict[str, dict[str, int]]] = {}
     for task in tasks:
@@ -234,7 +269,9 @@ def prepare(options: PrepOptions) -> dict[str, Any]:
     manifest = {
         "format": FORMAT,
         "years": sorted({year for split in sizes.values() for year in split}),
-        "splits": {split: {year: sum(n.values()) for year, n in sorted(sizes.get(split, {}).items())} for split in SPLITS},
+        "splits": {
+            split: {year: sum(n.values()) for year, n in sorted(sizes.get(split, {}).items())} for split in SPLITS
+        },
         "source": plan.source,
         "created_by": CREATED_BY,
         "options": wanted,
@@ -264,8 +301,10 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
     lines = [f"{'year':>6} {'train':>10} {'eval':>8}"]
     for year in manifest["years"]:
         lines.append(f"{year:>6} {splits['train'].get(year, 0):>10} {splits['eval'].get(year, 0):>8}")
-    lines.append(f"{'total':>6} {sum(splits['train'].values()):>10} {sum(splits['eval'].values()):>8}"
-                 f"   (from {manifest['seen']} input samples)")
+    lines.append(
+        f"{'total':>6} {sum(splits['train'].values()):>10} {sum(splits['eval'].values()):>8}"
+        f"   (from {manifest['seen']} input samples)"
+    )
     skipped = ", ".join(f"{reason} {count}" for reason, count in manifest["skipped"].items())
     lines.append(f"skipped: {skipped or 'none'}")
     return lines

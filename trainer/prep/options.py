@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
-FORMAT = "tic-trainer-shards/1"
+from trainer.errors import UserError
+from trainer.years import expand
+
 RESIZE_MODES = ("center_crop", "border", "keep_ratio")
 IMAGE_FORMATS = ("keep", "jpg", "png", "webp")
 SHARD_SIZE, SYNTHETIC_SHARD_SIZE = 10_000, 500
 SYNTHETIC_YEARS, SYNTHETIC_IMAGE_SIZE = "2014-2016", 32
 
 
-class PrepError(ValueError):
+class PrepError(UserError, ValueError):
     """Bad input or options: the message names the file/option/value and what would be valid."""
 
 
@@ -28,11 +29,11 @@ class PrepOptions:
     """Which kind of input to read."""
     input: str = ""
     """Manifest file (CSV/TSV/JSONL/Parquet) or webdataset shards (folder, brace pattern or glob)."""
-    years: Optional[str] = None
+    years: str | None = None
     """Synthetic: the years to generate (default 2014-2016). Real data: keep only these years."""
     seed: int = 0
     """Seed for the order of samples inside shards and for synthetic images."""
-    shard_size: Optional[int] = None
+    shard_size: int | None = None
     """Most samples in one shard (default 10,000; 500 for synthetic, so each year has several shards)."""
     eval_frac: float = 0.01
     """Real data: fraction of each year held out as eval, chosen by a hash of the uid."""
@@ -40,31 +41,31 @@ class PrepOptions:
     """Synthetic: training samples per year."""
     eval_samples: int = 500
     """Synthetic: held-out eval samples per year."""
-    image_size: Optional[int] = None
+    image_size: int | None = None
     """Resize images to this many pixels (see resize_mode); real images keep their size by default, synthetic 32."""
     resize_mode: str = "center_crop"
     """center_crop: shorter side to size then crop; border: longer side to size then pad; keep_ratio: shorter side."""
     image_format: str = "keep"
     """Image encoding in the shards; keep = the input's own jpg/png/webp bytes (PNG for synthetic)."""
-    image_col: Optional[str] = None
+    image_col: str | None = None
     """Manifest column with the image path or URL (default: first of image, path, filepath, file, url)."""
-    caption_col: Optional[str] = None
+    caption_col: str | None = None
     """Manifest column with the caption (default: first of caption, text, txt, title)."""
-    time_col: Optional[str] = None
+    time_col: str | None = None
     """Manifest or uid-table column with a year or a timestamp (default: first of year, timestamp, date, time)."""
-    uid_col: Optional[str] = None
+    uid_col: str | None = None
     """Manifest or uid-table column with the sample uid (default: uid if present, else a hash of the image path)."""
-    class_col: Optional[str] = None
+    class_col: str | None = None
     """Manifest column with an integer class index, written as .cls."""
-    year_field: Optional[str] = None
+    year_field: str | None = None
     """Shards: json field holding the year or timestamp (the default when no uid table is given: year)."""
-    uid_years: Optional[str] = None
+    uid_years: str | None = None
     """Shards: Parquet table mapping uid to year/timestamp."""
-    uid_lists: Optional[str] = None
+    uid_lists: str | None = None
     """Shards: folder of TiC-DataComp style uid lists, one <year>.npy per year."""
-    classes: Optional[str] = None
+    classes: str | None = None
     """Text file of class names, one per line in index order, recorded in manifest.json."""
-    templates: Optional[str] = None
+    templates: str | None = None
     """Text file of zero-shot templates with a {} placeholder, one per line."""
     workers: int = 1
     """Processes working in parallel (memory:// output always runs in this process)."""
@@ -85,7 +86,7 @@ class PrepOptions:
     def validate(self) -> None:
         """Raise PrepError naming the first option with an invalid value."""
         checks = [
-            (self.shard_size >= 1, "--shard-size must be at least 1"),
+            ((self.shard_size or 0) >= 1, "--shard-size must be at least 1"),
             (0.0 <= self.eval_frac < 1.0, "--eval-frac must be in [0, 1)"),
             (0.0 <= self.max_bad_frac <= 1.0, "--max-bad-frac must be in [0, 1]"),
             (self.samples_per_year >= 1, "--samples-per-year must be at least 1"),
@@ -95,41 +96,44 @@ class PrepOptions:
             (self.resize_mode in RESIZE_MODES, f"--resize-mode must be one of {', '.join(RESIZE_MODES)}"),
             (self.image_format in IMAGE_FORMATS, f"--image-format must be one of {', '.join(IMAGE_FORMATS)}"),
             (self.source == "synthetic" or self.input, f"--{self.source} needs an input path"),
-            (sum(x is not None for x in (self.year_field, self.uid_years, self.uid_lists)) <= 1,
-             "give only one of --year-field, --uid-years, --uid-lists"),
+            (
+                sum(x is not None for x in (self.year_field, self.uid_years, self.uid_lists)) <= 1,
+                "give only one of --year-field, --uid-years, --uid-lists",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise PrepError(message)
         if self.years is not None:
-            parse_years(self.years)
+            expand(self.years)
 
-    def year_list(self) -> Optional[list[int]]:
+    def year_list(self) -> list[int] | None:
         """The --years selection as a sorted list (synthetic default 2014-2016), or None for all years."""
         spec = self.years if self.years is not None else (SYNTHETIC_YEARS if self.source == "synthetic" else None)
-        return None if spec is None else parse_years(spec)
+        return None if spec is None else expand(spec)
 
     def output_options(self, resolved: dict[str, Any]) -> dict[str, Any]:
         """The options that decide the output bytes, plus what was resolved from the input (column names)."""
         runtime = {"out", "workers", "max_bad_frac", "overwrite", "progress"}
         if self.source == "synthetic":
-            runtime |= {"eval_frac", "image_col", "caption_col", "time_col", "uid_col", "class_col", "year_field",
-                        "uid_years", "uid_lists", "input", "resize_mode", "classes", "templates"}
+            runtime |= {
+                "eval_frac",
+                "image_col",
+                "caption_col",
+                "time_col",
+                "uid_col",
+                "class_col",
+                "year_field",
+                "uid_years",
+                "uid_lists",
+                "input",
+                "resize_mode",
+                "classes",
+                "templates",
+            }
         else:
             runtime |= {"samples_per_year", "eval_samples"}
         chosen = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in runtime}
         chosen.update(resolved)
         chosen["years"] = self.year_list()
         return chosen
-
-
-def parse_years(spec: str) -> list[int]:
-    """Parse '2014-2016,2018' into [2014, 2015, 2016, 2018]."""
-    years: set[int] = set()
-    for part in spec.split(","):
-        match = re.fullmatch(r"\s*(\d{4})\s*(?:-\s*(\d{4})\s*)?", part)
-        if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
-            raise PrepError(f"--years {spec!r}: expected years or ranges like 2014-2016,2018")
-        first = int(match.group(1))
-        years.update(range(first, int(match.group(2) or first) + 1))
-    return sorted(years)

@@ -5,15 +5,20 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, Union
-
-SPLITS = ("train", "eval")
-IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+from typing import Any, Protocol
 
 # Skip reasons that count towards --max-bad-frac; the others only filter samples out by design.
-BAD_REASONS = ("corrupt_image", "missing_image", "missing_caption", "bad_timestamp", "missing_year", "bad_row",
-               "bad_class")
+BAD_REASONS = (
+    "corrupt_image",
+    "missing_image",
+    "missing_caption",
+    "bad_timestamp",
+    "missing_year",
+    "bad_row",
+    "bad_class",
+)
 FILTER_REASONS = ("uid_not_listed", "year_not_selected")
 
 # Short enough that "<key>.json" fits a USTAR member name.
@@ -31,7 +36,7 @@ class Sample:
 
 
 # A unit yields either a sample or the reason it skipped one.
-UnitItem = Union[Sample, str]
+UnitItem = Sample | str
 
 
 class Unit(Protocol):
@@ -54,8 +59,9 @@ def eval_draw(uid: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def make_sample(uid: str, year: int, split: str, image: bytes, ext: str, caption: str, meta: dict[str, Any],
-                cls: int | None = None) -> Sample:
+def make_sample(
+    uid: str, year: int, split: str, image: bytes, ext: str, caption: str, meta: dict[str, Any], cls: int | None = None
+) -> Sample:
     """Build a Sample with the DataComp-compatible members (.jpg/.png/.webp, .txt, .json, optional .cls)."""
     fields = dict(meta)
     fields.update(uid=uid, year=year)

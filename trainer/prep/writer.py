@@ -8,14 +8,16 @@ import os
 import posixpath
 import struct
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import fsspec
 import numpy as np
 
-from trainer.data.prep_config import PrepError
-from trainer.data.records import SPLITS, Sample
+from trainer.layout import MANIFEST, SIZES, SPLITS
+from trainer.prep.options import PrepError
+from trainer.prep.records import Sample
 
 # Fixed tar header fields: reruns and resumed runs must produce byte-identical shards.
 TAR_MTIME = 0
@@ -111,7 +113,7 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
     fs.mv(temp, path)
 
 
-def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Optional[Any]:
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any | None:
     """The parsed JSON at `path`, or None when there is no such file."""
     if not fs.exists(path):
         return None
@@ -149,7 +151,9 @@ def pack_shard(url: str, task: PackTask) -> int:
             if position >= skip:
                 samples.append(Sample(key, task.split, task.year, members))
     # Readers stream shards front to back, so no order of the input may survive inside a shard.
-    order = np.random.default_rng([task.seed, SPLITS.index(task.split), task.year, task.index]).permutation(len(samples))
+    order = np.random.default_rng([task.seed, SPLITS.index(task.split), task.year, task.index]).permutation(
+        len(samples)
+    )
     shard = ShardFile(tree.fs, path)
     for i in order:
         shard.write(samples[i])
@@ -183,7 +187,7 @@ class OutputTree:
         try:
             if self.fs.exists(self.root) and not self.fs.isdir(self.root):
                 raise PrepError(f"cannot write output {self.url}: it is a file, not a folder")
-            manifest = read_json(self.fs, self.path("manifest.json"))
+            manifest = read_json(self.fs, self.path(MANIFEST))
             started = read_json(self.fs, self.work("options.json"))
             if not overwrite:
                 self._refuse_foreign(options, manifest, started)
@@ -193,17 +197,19 @@ class OutputTree:
                     return True
                 if started is not None:
                     return False
-            self._remove(*SPLITS, "manifest.json", WORK_DIR)
+            self._remove(*SPLITS, MANIFEST, WORK_DIR)
             write_json(self.fs, self.work("options.json"), options)
         except OSError as error:
             raise PrepError(f"cannot write output {self.url}: {error.strerror or error}") from error
         return False
 
-    def _refuse_foreign(self, options: dict[str, Any], manifest: Optional[dict], started: Optional[dict]) -> None:
-        for found, where in ((manifest and manifest.get("options"), "manifest.json"), (started, WORK_DIR)):
+    def _refuse_foreign(self, options: dict[str, Any], manifest: dict | None, started: dict | None) -> None:
+        for found, where in ((manifest and manifest.get("options"), MANIFEST), (started, WORK_DIR)):
             if found is not None and found != options:
-                raise PrepError(f"{self.url} was made with other options ({where}: {_first_difference(found, options)});"
-                                " pass --overwrite to replace it")
+                raise PrepError(
+                    f"{self.url} was made with other options ({where}: {_first_difference(found, options)});"
+                    " pass --overwrite to replace it"
+                )
         if manifest is None and started is None and any(self.fs.exists(self.path(s)) for s in SPLITS):
             raise PrepError(f"{self.url} already has train/ or eval/ not made by make_shards; pass --overwrite")
 
@@ -212,7 +218,7 @@ class OutputTree:
             if self.fs.exists(self.path(name)):
                 self.fs.rm(self.path(name), recursive=True)
 
-    def first_missing(self) -> Optional[str]:
+    def first_missing(self) -> str | None:
         """The outermost folder of the root's path that does not exist yet (what a failed job must remove)."""
         missing, path = None, self.root
         while path and not self.fs.exists(path):
@@ -228,11 +234,11 @@ class OutputTree:
         done = {}
         for entry in self.fs.ls(folder, detail=False):
             name = posixpath.basename(entry)
-            if name.endswith(".json") and name[:-5].isdigit():
-                done[int(name[:-5])] = read_json(self.fs, entry)
+            if name.endswith(".json") and name[:-5].isdigit() and (result := read_json(self.fs, entry)) is not None:
+                done[int(name[:-5])] = result
         return done
 
-    def abandon(self, created: Optional[str]) -> None:
+    def abandon(self, created: str | None) -> None:
         """Undo a job that stopped on a user error: drop its work folder, and `created` if it holds no files."""
         self._remove(WORK_DIR)
         if created and self.fs.exists(created) and not self.fs.find(created):
@@ -246,8 +252,8 @@ class OutputTree:
                 for entry in self.fs.ls(folder, detail=False):
                     if entry.endswith(PARTIAL_SUFFIX):
                         self.fs.rm(entry)
-                write_json(self.fs, posixpath.join(folder, "sizes.json"), shards)
-        write_json(self.fs, self.path("manifest.json"), manifest)
+                write_json(self.fs, posixpath.join(folder, SIZES), shards)
+        write_json(self.fs, self.path(MANIFEST), manifest)
         self.fs.rm(self.work(), recursive=True)
 
 

@@ -6,19 +6,20 @@ import hashlib
 import json
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterator, Optional, Union
+from typing import Any
 
 import fsspec
 
-from trainer.data.images import BadImage, ImageOptions, prepare_image
-from trainer.data.prep_config import PrepError
-from trainer.data.records import UnitItem, eval_draw, make_sample
-from trainer.data.sources import parse_when
-from trainer.data.uid_years import UidYearIndex
+from trainer.layout import EVAL, IMAGE_EXTENSIONS, TRAIN
+from trainer.prep.images import BadImage, ImageOptions, prepare_image
+from trainer.prep.manifests import parse_when
+from trainer.prep.options import PrepError
+from trainer.prep.records import UnitItem, eval_draw, make_sample
+from trainer.prep.uid_years import UidYearIndex
 
-IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 _MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key/extension split: key = up to the first dot
 
 
@@ -27,21 +28,21 @@ class Routing:
     """Where a sample goes: the year filter and the share of each year held out for eval."""
 
     eval_frac: float
-    years: Optional[tuple[int, ...]]
+    years: tuple[int, ...] | None
 
     def split(self, uid: str) -> str:
         """train or eval, fixed by the uid alone."""
-        return "eval" if eval_draw(uid) < self.eval_frac else "train"
+        return EVAL if eval_draw(uid) < self.eval_frac else TRAIN
 
 
-def _when(value: Any) -> tuple[int, Optional[str]]:
+def _when(value: Any) -> tuple[int, str | None]:
     try:
         return parse_when(value)
     except (ValueError, OverflowError, OSError):
         return -1, None
 
 
-def _read_image(ref: str) -> Optional[bytes]:
+def _read_image(ref: str) -> bytes | None:
     try:
         if "://" in ref:
             with fsspec.open(ref, "rb") as file:
@@ -56,7 +57,7 @@ def _read_image(ref: str) -> Optional[bytes]:
 class ManifestUnit:
     """A run of consecutive manifest rows: (image ref, caption, time, uid, class) each."""
 
-    rows: tuple[Optional[tuple[Any, ...]], ...]
+    rows: tuple[tuple[Any, ...] | None, ...]
     base: str
     routing: Routing
     image: ImageOptions
@@ -80,8 +81,9 @@ class ManifestUnit:
             return "bad_class"
         if not isinstance(ref, str) or not ref:
             return "missing_image"
-        checked = _checked_image(_read_image(ref if "://" in ref or ref.startswith("/") else f"{self.base}/{ref}"),
-                                 self.image)
+        checked = _checked_image(
+            _read_image(ref if "://" in ref or ref.startswith("/") else f"{self.base}/{ref}"), self.image
+        )
         if isinstance(checked, str):
             return checked
         image, ext = checked
@@ -90,7 +92,7 @@ class ManifestUnit:
         return make_sample(uid, year, self.routing.split(uid), image, ext, caption.strip(), meta, label)
 
 
-def _checked_image(data: Optional[bytes], options: ImageOptions) -> Union[tuple[bytes, str], str]:
+def _checked_image(data: bytes | None, options: ImageOptions) -> tuple[bytes, str] | str:
     """(encoded image, extension) after a full decode, or the skip reason for a missing or corrupt one."""
     if data is None:
         return "missing_image"
@@ -107,16 +109,17 @@ def _uid_index(path: str) -> UidYearIndex:
 
 
 def _group(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
-    key, members = None, {}
+    key, members = "", dict[str, bytes]()
     for info in tar:
         match = _MEMBER.match(info.name) if info.isfile() else None
-        if match is None:
+        member = tar.extractfile(info) if match is not None else None
+        if match is None or member is None:
             continue
         if match.group(1) != key and members:
             yield key, members
             members = {}
         key = match.group(1)
-        members[match.group(2).lower()] = tar.extractfile(info).read()
+        members[match.group(2).lower()] = member.read()
     if members:
         yield key, members
 
@@ -128,8 +131,8 @@ class ShardUnit:
     url: str
     routing: Routing
     image: ImageOptions
-    year_field: Optional[str]
-    uid_index: Optional[str]
+    year_field: str | None
+    uid_index: str | None
 
     def items(self) -> Iterator[UnitItem]:
         """Validate each sample of the shard in file order."""
@@ -161,7 +164,7 @@ class ShardUnit:
         caption = members["txt"].decode("utf-8", "replace").strip() if "txt" in members else meta.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             return "missing_caption"
-        checked = _checked_image(next((members[ext] for ext in IMAGE_MEMBERS if ext in members), None), self.image)
+        checked = _checked_image(next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), None), self.image)
         if isinstance(checked, str):
             return checked
         image, ext = checked

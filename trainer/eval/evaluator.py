@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +29,20 @@ from trainer.data.shards import DataError, YearShards
 from trainer.distributed import DistInfo
 from trainer.engine import resolve_precision
 from trainer.eval.data import (
-    Block, ClassSpec, eval_years, gather_objects, gather_rows, load_classes, rank_block, read_block, sum_over_ranks,
+    Block,
+    ClassSpec,
+    eval_years,
+    gather_objects,
+    gather_rows,
+    load_classes,
+    rank_block,
+    read_block,
+    sum_over_ranks,
 )
 from trainer.eval.matrix import transfer_summary
 from trainer.eval.metrics import KS, METRICS, retrieval_hits, zeroshot_counts, zeroshot_metrics
-from trainer.export import check_fits
 from trainer.model import create_model, open_clip_state_dict
+from trainer.weights.open_clip import check_fits
 
 log = logging.getLogger("tic")
 
@@ -61,7 +69,12 @@ class EvalOptions:
     @classmethod
     def from_config(cls, cfg: EvalConfig, **overrides: Any) -> EvalOptions:
         """Options from the run config's eval section, plus overrides."""
-        fields = {"tasks": tuple(cfg.tasks), "samples": cfg.samples, "batch_size": cfg.batch_size, "cache_mb": cfg.cache_mb}
+        fields = {
+            "tasks": tuple(cfg.tasks),
+            "samples": cfg.samples,
+            "batch_size": cfg.batch_size,
+            "cache_mb": cfg.cache_mb,
+        }
         return cls(**{**fields, **overrides})
 
     def validate(self) -> None:
@@ -91,7 +104,7 @@ class _Year:
     text_block: Block
     text_tokens: torch.Tensor
     """Tokens of this rank's share of the year's distinct captions."""
-    images: Optional[list[tuple[torch.Tensor, torch.Tensor]]]
+    images: list[tuple[torch.Tensor, torch.Tensor]] | None
     """Cached (block positions, preprocessed images) per batch window, or None to re-read."""
 
 
@@ -99,13 +112,13 @@ class Evaluator:
     """Evaluates models on the eval split of chosen years; keeps decoded images between checkpoints."""
 
     def __init__(
-        self, model_cfg: ModelConfig, data_root: str, years: Optional[list[str]], options: EvalOptions, dist: DistInfo
+        self, model_cfg: ModelConfig, data_root: str, years: list[str] | None, options: EvalOptions, dist: DistInfo
     ) -> None:
         options.validate()
         self.options, self.dist, self.device = options, dist, dist.device
         self.shards: dict[str, YearShards] = eval_years(data_root, years or None)
         self.years = list(self.shards)
-        self.spec: Optional[ClassSpec] = None
+        self.spec: ClassSpec | None = None
         if "zeroshot" in options.tasks:
             self.spec = load_classes(data_root, options.classes_file)
             if self.spec is None and dist.is_main:
@@ -117,10 +130,10 @@ class Evaluator:
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.cache_left = options.cache_mb * 2**20
         self.state: dict[str, _Year] = {}
-        self.prompt_tokens: Optional[torch.Tensor] = None
+        self.prompt_tokens: torch.Tensor | None = None
 
     @classmethod
-    def from_config(cls, cfg: Config, dist: DistInfo, years: Optional[list[str]] = None) -> Evaluator:
+    def from_config(cls, cfg: Config, dist: DistInfo, years: list[str] | None = None) -> Evaluator:
         """The evaluator a training run uses: its model, data root and eval section."""
         return cls(cfg.model, cfg.data.root, years, EvalOptions.from_config(cfg.eval), dist)
 
@@ -134,7 +147,7 @@ class Evaluator:
         check_fits(weights, self.model, name)
         self.model.load_state_dict(weights)
         results: dict[str, dict[str, float]] = {}
-        classifier: Optional[torch.Tensor] = None
+        classifier: torch.Tensor | None = None
         with torch.inference_mode():
             for year in self.years:
                 state, image_emb = self._images(year)
@@ -164,18 +177,24 @@ class Evaluator:
     def _dim(self) -> int:
         return int(self.model.text_projection.shape[1])
 
+    def _spec(self) -> ClassSpec:
+        """The class names and templates; zero-shot runs only when the data has them."""
+        assert self.spec is not None, "zero-shot evaluation without class names"
+        return self.spec
+
     def _classifier(self) -> torch.Tensor:
         """One embedding per class: the normalised mean of its template prompts (open_clip's recipe)."""
-        prompts = self.spec.prompts()
+        spec = self._spec()
+        prompts = spec.prompts()
         rank, size = self.dist.rank, self.dist.world_size
         block = rank_block(len(prompts), size, rank, self.options.batch_size)
         if self.prompt_tokens is None:
             self.prompt_tokens = self.tokenizer(prompts[block.start : block.stop])
         emb = self._encode_texts(self.prompt_tokens, block, len(prompts))
-        emb = emb.view(len(self.spec.classes), len(self.spec.templates), -1).mean(1)
+        emb = emb.view(len(spec.classes), len(spec.templates), -1).mean(1)
         return F.normalize(emb, dim=-1)
 
-    def _read(self, year: str, block: Block, meta: Optional[list]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _read(self, year: str, block: Block, meta: list | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(block positions, images) of the usable samples per batch window, read and decoded now.
 
         With `meta`, also appends each position's (caption, class) or the reason it is unusable.
@@ -203,7 +222,7 @@ class Evaluator:
         else:
             n, block = state.n, state.block
         meta: list = []
-        kept: Optional[list] = [] if state is None else None
+        kept: list | None = [] if state is None else None
         if state is not None and state.images is not None:
             windows: Iterable[tuple[torch.Tensor, torch.Tensor]] = state.images
         else:
@@ -217,7 +236,7 @@ class Evaluator:
         return state, gather_rows(local, n)
 
     def _metrics(
-        self, year: str, state: _Year, image_emb: torch.Tensor, classifier: Optional[torch.Tensor]
+        self, year: str, state: _Year, image_emb: torch.Tensor, classifier: torch.Tensor | None
     ) -> dict[str, float]:
         valid = (state.groups >= 0).nonzero().squeeze(1)
         if len(valid) == 0:
@@ -234,29 +253,47 @@ class Evaluator:
             out.update(self._zeroshot(year, state.labels.to(self.device), image_emb, classifier, mine, valid))
         return out
 
-    def _zeroshot(self, year: str, labels: torch.Tensor, image_emb: torch.Tensor, classifier: torch.Tensor,
-                  mine: torch.Tensor, valid: torch.Tensor) -> dict[str, float]:
+    def _zeroshot(
+        self,
+        year: str,
+        labels: torch.Tensor,
+        image_emb: torch.Tensor,
+        classifier: torch.Tensor,
+        mine: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> dict[str, float]:
         """Zero-shot accuracies over the labelled samples, candidates restricted to the year's classes if listed."""
+        spec = self._spec()
         labelled = mine[labels[mine] >= 0]
-        allowed = self.spec.by_year.get(year) if self.options.per_year_classes else None
+        allowed = spec.by_year.get(year) if self.options.per_year_classes else None
         counts = zeroshot_counts(
-            image_emb[labelled] @ classifier.T, labels[labelled], len(self.spec.classes),
+            image_emb[labelled] @ classifier.T,
+            labels[labelled],
+            len(spec.classes),
             None if allowed is None else torch.tensor(allowed, device=self.device),
         )
-        out = zeroshot_metrics(sum_over_ranks(counts), len(self.spec.classes))
+        out = zeroshot_metrics(sum_over_ranks(counts), len(spec.classes))
         if out:
             out["zs_samples"] = int((labels[valid] >= 0).sum())
         return out
 
-    def _retrieval(self, image_emb: torch.Tensor, text_emb: torch.Tensor, groups: torch.Tensor, mine: torch.Tensor,
-                   valid: torch.Tensor) -> dict[str, float]:
+    def _retrieval(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        groups: torch.Tensor,
+        mine: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> dict[str, float]:
         """Recall counts for this rank's queries against every usable candidate, summed over ranks."""
-        hits = torch.stack([
-            retrieval_hits(image_emb[mine], text_emb[valid], groups[mine], groups[valid]),
-            retrieval_hits(text_emb[mine], image_emb[valid], groups[mine], groups[valid]),
-            retrieval_hits(image_emb[mine], text_emb[valid], mine, valid),
-            retrieval_hits(text_emb[mine], image_emb[valid], mine, valid),
-        ])
+        hits = torch.stack(
+            [
+                retrieval_hits(image_emb[mine], text_emb[valid], groups[mine], groups[valid]),
+                retrieval_hits(text_emb[mine], image_emb[valid], groups[mine], groups[valid]),
+                retrieval_hits(image_emb[mine], text_emb[valid], mine, valid),
+                retrieval_hits(text_emb[mine], image_emb[valid], mine, valid),
+            ]
+        )
         rates = (sum_over_ranks(hits).double() / len(valid)).tolist()
         out: dict[str, float] = {}
         for prefix, (i2t, t2i) in (("", rates[0:2]), ("strict_", rates[2:4])):
@@ -265,7 +302,7 @@ class Evaluator:
                 out[f"{prefix}mean_R{k}"] = (i2t[j] + t2i[j]) / 2
         return out
 
-    def _keep(self, kept: Optional[list], positions: torch.Tensor, images: torch.Tensor) -> Optional[list]:
+    def _keep(self, kept: list | None, positions: torch.Tensor, images: torch.Tensor) -> list | None:
         """Add a window to the year's cache being built (None: not building), or give up when over budget."""
         if kept is None:
             return None
@@ -277,7 +314,7 @@ class Evaluator:
         kept.append((positions, images))
         return kept
 
-    def _describe(self, year: str, n: int, block: Block, items: list, kept: Optional[list]) -> _Year:
+    def _describe(self, year: str, n: int, block: Block, items: list, kept: list | None) -> _Year:
         """The year's shared description: every rank's captions and labels, caption ids, text shares."""
         everything = [x for part in gather_objects(items) for x in part]
         skipped: dict[str, int] = {}
@@ -300,8 +337,17 @@ class Evaluator:
         text_block = rank_block(len(captions), self.dist.world_size, self.dist.rank, self.options.batch_size)
         share = captions[text_block.start : text_block.stop]
         tokens = self.tokenizer(share) if share else torch.zeros(0, 1, dtype=torch.long)
-        return _Year(n=n, block=block, groups=torch.tensor(groups), labels=torch.tensor(labels), skipped=skipped,
-                     captions=len(captions), text_block=text_block, text_tokens=tokens, images=kept)
+        return _Year(
+            n=n,
+            block=block,
+            groups=torch.tensor(groups),
+            labels=torch.tensor(labels),
+            skipped=skipped,
+            captions=len(captions),
+            text_block=text_block,
+            text_tokens=tokens,
+            images=kept,
+        )
 
 
 def _limit(available: int, samples: int) -> int:
@@ -311,7 +357,7 @@ def _limit(available: int, samples: int) -> int:
 def evaluate_checkpoint(
     model_or_weights: nn.Module | dict[str, torch.Tensor],
     data_root: str,
-    years: Optional[list[str]],
+    years: list[str] | None,
     model_cfg: ModelConfig,
     options: EvalOptions,
     dist: DistInfo,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import CheckpointError, is_complete
+from trainer.checkpoint import is_complete
+from trainer.rundir import CheckpointError
 
 
 def load_weights(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:

@@ -34,7 +34,9 @@ def _resize(image: Image.Image, size: int, mode: str) -> Image.Image:
         canvas.paste(inner, ((size - inner.width) // 2, (size - inner.height) // 2))
         return canvas
     scale = size / min(width, height)
-    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.Resampling.LANCZOS)
+    resized = image.resize(
+        (max(size, round(width * scale)), max(size, round(height * scale))), Image.Resampling.LANCZOS
+    )
     if mode == "keep_ratio":
         return resized
     left, top = (resized.width - size) // 2, (resized.height - size) // 2

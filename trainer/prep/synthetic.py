@@ -4,29 +4,50 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from trainer.data.images import ENCODERS
-from trainer.data.records import SPLITS, Sample, make_sample
+from trainer.layout import EVAL, SPLITS, TRAIN
+from trainer.prep.images import ENCODERS
+from trainer.prep.records import Sample, make_sample
 
 # List orders interleave dissimilar concepts so each year's sliding window mixes looks.
 SHAPES = (
-    "circle", "triangle", "square", "star", "cross", "crescent",
-    "diamond", "ring", "hexagon", "arrow", "hourglass", "pentagon",
+    "circle",
+    "triangle",
+    "square",
+    "star",
+    "cross",
+    "crescent",
+    "diamond",
+    "ring",
+    "hexagon",
+    "arrow",
+    "hourglass",
+    "pentagon",
 )
 COLOURS = {
-    "red": (230, 40, 40), "cyan": (40, 220, 230), "yellow": (240, 230, 40), "purple": (150, 70, 235),
-    "green": (40, 185, 70), "magenta": (235, 50, 200), "orange": (245, 140, 30), "blue": (50, 90, 245),
-    "white": (245, 245, 245), "pink": (250, 165, 195),
+    "red": (230, 40, 40),
+    "cyan": (40, 220, 230),
+    "yellow": (240, 230, 40),
+    "purple": (150, 70, 235),
+    "green": (40, 185, 70),
+    "magenta": (235, 50, 200),
+    "orange": (245, 140, 30),
+    "blue": (50, 90, 245),
+    "white": (245, 245, 245),
+    "pink": (250, 165, 195),
 }
 BACKGROUNDS = ("plain", "striped", "checkered", "dotted", "gradient", "noisy", "grid", "wavy")
 POSITIONS = {
-    "top left": (0.3, 0.3), "top right": (0.7, 0.3), "center": (0.5, 0.5),
-    "bottom left": (0.3, 0.7), "bottom right": (0.7, 0.7),
+    "top left": (0.3, 0.3),
+    "top right": (0.7, 0.3),
+    "center": (0.5, 0.5),
+    "bottom left": (0.3, 0.7),
+    "bottom right": (0.7, 0.7),
 }
 SIZE_RANGE = (0.14, 0.24)
 # One phrasing per year: within a year the caption is a function of what the image shows, so
@@ -103,16 +124,35 @@ def _outline(shape: str, r: float) -> list[tuple[float, float]]:
         sides = regular[shape]
         radius = r * (1.2 if shape == "square" else 1.1)
         base = -math.pi / 2 + (math.pi / 4 if shape == "square" else 0.0)
-        return [(radius * math.cos(base + 2 * math.pi * k / sides), radius * math.sin(base + 2 * math.pi * k / sides))
-                for k in range(sides)]
+        return [
+            (radius * math.cos(base + 2 * math.pi * k / sides), radius * math.sin(base + 2 * math.pi * k / sides))
+            for k in range(sides)
+        ]
     if shape == "diamond":
         return [(0, -1.2 * r), (0.7 * r, 0), (0, 1.2 * r), (-0.7 * r, 0)]
     if shape == "star":
-        return [((r * 1.2 if k % 2 == 0 else r * 0.5) * math.cos(-math.pi / 2 + math.pi * k / 5),
-                 (r * 1.2 if k % 2 == 0 else r * 0.5) * math.sin(-math.pi / 2 + math.pi * k / 5)) for k in range(10)]
+        return [
+            (
+                (r * 1.2 if k % 2 == 0 else r * 0.5) * math.cos(-math.pi / 2 + math.pi * k / 5),
+                (r * 1.2 if k % 2 == 0 else r * 0.5) * math.sin(-math.pi / 2 + math.pi * k / 5),
+            )
+            for k in range(10)
+        ]
     if shape == "cross":
-        return [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w),
-                (-w, -w)]
+        return [
+            (-w, -r),
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+        ]
     if shape == "arrow":
         return [(-r, -w), (0, -w), (0, -r), (r, 0), (0, r), (0, w), (-r, w)]
     if shape == "hourglass":
@@ -223,17 +263,35 @@ class SyntheticUnit:
             pixels, caption, name = draw_sample(self.year_index, rng, self.image_size)
             image, ext = encode(pixels, self.image_format)
             uid = f"syn-{year}-{self.split}-{index:07d}"
-            yield make_sample(uid, year, self.split, image, ext, caption, {"caption": caption, "class": name},
-                              cls=lookup[name])
+            yield make_sample(
+                uid, year, self.split, image, ext, caption, {"caption": caption, "class": name}, cls=lookup[name]
+            )
 
 
-def synthetic_units(years: list[int], samples_per_year: int, eval_samples: int, seed: int, image_size: int,
-                    image_format: str, chunk: int = 1000) -> list[SyntheticUnit]:
+def synthetic_units(
+    years: list[int],
+    samples_per_year: int,
+    eval_samples: int,
+    seed: int,
+    image_size: int,
+    image_format: str,
+    chunk: int = 1000,
+) -> list[SyntheticUnit]:
     """Split the whole benchmark into units of at most `chunk` samples, train before eval, year by year."""
     units = []
     for year_index in range(len(years)):
-        for split, count in (("train", samples_per_year), ("eval", eval_samples)):
+        for split, count in ((TRAIN, samples_per_year), (EVAL, eval_samples)):
             for start in range(0, count, chunk):
-                units.append(SyntheticUnit(tuple(years), year_index, split, start, min(start + chunk, count), seed,
-                                           image_size, image_format))
+                units.append(
+                    SyntheticUnit(
+                        tuple(years),
+                        year_index,
+                        split,
+                        start,
+                        min(start + chunk, count),
+                        seed,
+                        image_size,
+                        image_format,
+                    )
+                )
     return units

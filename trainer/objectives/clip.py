@@ -1,9 +1,16 @@
-"""Distributed CLIP contrastive loss with a logit-scale cap that holds under ZeRO."""
+"""CLIP: open_clip's distributed contrastive loss, with a logit-scale cap that holds under ZeRO."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from open_clip.loss import ClipLoss
+
+from trainer.config import Config
+from trainer.distributed import DistInfo
+from trainer.objectives.base import LossOutput, Objective, Outputs
 
 
 class ContrastiveLoss:
@@ -47,3 +54,19 @@ class ContrastiveLoss:
         # cross-entropy would carry ~3 significant digits. Features are only B x D, so the loss
         # (and the gather) in fp32 is cheap; for fp32 features .float() is a no-op.
         return self.clip(image_features.float(), text_features.float(), self.scale(logit_scale).float())
+
+
+class ClipObjective(Objective):
+    """InfoNCE over image-text pairs (Radford et al. 2021), as open_clip trains it; settings in `train.*`."""
+
+    feature_cache = True
+
+    def __init__(self, cfg: Config, dist: DistInfo, options: Any) -> None:
+        super().__init__(cfg, dist, options)
+        t = cfg.train
+        self.contrastive = ContrastiveLoss(
+            dist.rank, dist.world_size, t.local_loss, t.gather_with_grad, t.max_logit_scale
+        )
+
+    def loss(self, outputs: Outputs, batch: Mapping[str, Any]) -> LossOutput:
+        return LossOutput(self.contrastive(outputs["image_features"], outputs["text_features"], outputs["logit_scale"]))

@@ -5,13 +5,12 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
-from typing import Optional
 
 import fsspec
 import numpy as np
 
-from trainer.data.prep_config import PrepError
-from trainer.data.sources import parse_when, pick_column
+from trainer.prep.manifests import parse_when, pick_column
+from trainer.prep.options import PrepError
 
 # DataComp / TiC-DataComp store a 32-hex-digit uid as two big-endian uint64 halves.
 UID_DTYPE = np.dtype("u8,u8")
@@ -67,7 +66,7 @@ def _from_lists(url: str) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(keys), np.concatenate(years)
 
 
-def _from_table(url: str, uid_col: Optional[str], time_col: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
+def _from_table(url: str, uid_col: str | None, time_col: str | None) -> tuple[np.ndarray, np.ndarray]:
     import pyarrow.parquet as pq
 
     try:
@@ -84,18 +83,22 @@ def _from_table(url: str, uid_col: Optional[str], time_col: Optional[str]) -> tu
         try:
             years[row] = parse_when(value)[0]
         except (ValueError, OverflowError, OSError) as error:
-            raise PrepError(f"--uid-years {url}: row {row} has {time_name}={value!r}, not a year or timestamp") from error
+            raise PrepError(
+                f"--uid-years {url}: row {row} has {time_name}={value!r}, not a year or timestamp"
+            ) from error
     keys = np.array([uid_pair(str(u)) for u in uids], dtype=UID_DTYPE)
     order = np.argsort(years, kind="stable")
     return keys[order], years[order]
 
 
-def build_uid_index(uid_years: Optional[str], uid_lists: Optional[str], uid_col: Optional[str],
-                    time_col: Optional[str], folder: str) -> str:
+def build_uid_index(
+    uid_years: str | None, uid_lists: str | None, uid_col: str | None, time_col: str | None, folder: str
+) -> str:
     """Sort every (uid, year) into `folder`/uid_index.npy for memory-mapped lookups; return its path."""
     if uid_lists:
         keys, years = _from_lists(uid_lists)
     else:
+        assert uid_years is not None, "a uid table or uid lists"
         keys, years = _from_table(uid_years, uid_col, time_col)
     # Stable sort over year-ordered input: a uid listed in several years resolves to its earliest one.
     order = np.argsort(keys, kind="stable")
@@ -113,7 +116,7 @@ class UidYearIndex:
         self._index = np.load(path, mmap_mode="r")
         self._uids = self._index["uid"]
 
-    def year(self, uid: str) -> Optional[int]:
+    def year(self, uid: str) -> int | None:
         """The year listed for `uid`, or None when it is not listed."""
         probe = np.array([uid_pair(uid)], dtype=UID_DTYPE)
         at = int(np.searchsorted(self._uids, probe)[0])

@@ -1,0 +1,1 @@
+"""Data preparation for tools/make_shards.py: raw data -> yearly webdataset shards (torch-free)."""
