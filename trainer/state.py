@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from trainer.rundir import CheckpointError
+
 
 @runtime_checkable
 class Stateful(Protocol):
@@ -59,5 +61,5 @@ def restore(client: Mapping[str, Any], parts: Mapping[str, Stateful], optional: 
     for name, part in parts.items():
         state: Mapping[str, Any] | None = client.get(name)
         if state is None and name not in optional:
-            raise KeyError(f"checkpoint has no {name!r} state")
+            raise CheckpointError(f"checkpoint has no {name!r} state")
         part.load_state_dict(state or {})

@@ -24,14 +24,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.prep_helpers import dataset, make_images, tree, truncate, uid_pairs, write_input_shards
+from tests.prep.helpers import dataset, make_images, tree, truncate, uid_pairs, write_input_shards
 from tools.make_shards import main as make_shards_main
 from trainer.prep import synthetic
 from trainer.prep.manifests import parse_when
 from trainer.prep.prepare import pack_tasks
 from trainer.prep.records import eval_draw
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_shards.py"
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "make_shards.py"
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:

@@ -18,7 +18,7 @@ import pytest
 from trainer.data.order import YearOrder
 from trainer.data.shards import DataError, Shard, find_years, iter_samples, open_shard
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(20)
