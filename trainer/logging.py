@@ -13,6 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from trainer.config import Config
+from trainer.rundir import METRICS
 
 log = logging.getLogger("tic")
 
@@ -40,7 +41,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, cfg: Config, is_main: bool) -> None:
         self.is_main = is_main
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS
         self.file = open(self.path, "a", buffering=1) if is_main else None
         self.wandb: Any = None
         if is_main and cfg.logging.wandb:

@@ -3,7 +3,7 @@
 From the training loop, after each year (all ranks call it; every rank gets the same dict):
 
     evaluator = Evaluator.from_config(cfg, dist)                              # once per run
-    results = evaluator.evaluate(load_weights(ckpt_dir, f"year-{step.tag}"))  # {eval year: {metric: value}}
+    results = evaluator.evaluate(load_weights(ckpt_dir, year_tag(step.tag)))  # {eval year: {metric: value}}
     years_jsonl_record["eval"] = results                                      # rank 0 appends it
     metrics_log.write({"year": step.tag, **log_record(results, step.new_years)}, kind="eval")  # wandb too
 
