@@ -20,7 +20,7 @@ from trainer.model import check_supported, create_model, model_config
 from trainer.objectives import build_objective
 from trainer.plan import YearStep, make_plan, select_steps
 from trainer.preemption import StopFlag
-from trainer.rundir import RunDir, year_tag
+from trainer.rundir import CheckpointError, RunDir, RunLock, year_tag
 from trainer.weights.sources import check_supported_source, weights_from
 from trainer.year import RunParts, StepRun
 
@@ -52,11 +52,25 @@ class ContinualRun:
         self.saved = self._saved_state(self.resume_tag) if self.resume_tag is not None else None
         self.todo, self.mid = self._remaining()
         self.start_weights = self._check_start(start_from)
+        self.lock = self._lock()
         if dist.is_main:
             self.run_dir.write_header(cfg, self.plan.to_dict())
         barrier()
         self.metrics = MetricsLog(self.run_dir.path, cfg, dist.is_main)
         self.stop = StopFlag()
+
+    def _lock(self) -> RunLock:
+        """The run folder, owned by this launch until it ends; every rank learns whether it got it."""
+        lock, refused = RunLock(self.run_dir), ""
+        if self.dist.is_main:
+            try:
+                lock.acquire()
+            except CheckpointError as e:
+                refused = str(e)
+        refused = broadcast_object(refused)
+        if refused:
+            raise CheckpointError(refused)
+        return lock
 
     def _resume_tag(self, resume: str) -> str | None:
         if not resume:
@@ -125,6 +139,7 @@ class ContinualRun:
                 mid, start_weights = None, None
         finally:
             self.metrics.close()
+            self.lock.release()
 
     def _load_dir(self, resume_tag: str | None) -> Path:
         """Where to load `resume_tag` from: the run's own folder, or its universal copy when the

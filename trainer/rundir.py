@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -19,6 +23,7 @@ PLAN = "plan.json"
 METRICS = "metrics.jsonl"
 YEARS = "years.jsonl"
 CHECKPOINTS = "checkpoints"
+LOCK = ".lock"
 TRAIN_STATE = "trainer_state.json"
 """A readable copy of a checkpoint's client state, beside DeepSpeed's files."""
 
@@ -103,6 +108,43 @@ class RunDir:
         """One line of years.jsonl: a finished plan step and its evaluation."""
         with open(self.path / YEARS, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held by one launch (its rank 0) from its checks to its end.
+
+    flock on <run>/.lock: the kernel drops it when the holder dies, so a killed run never leaves
+    a stale lock; the file names the holder for the message a second launch gets.
+    """
+
+    def __init__(self, run: RunDir) -> None:
+        self.path = run.path / LOCK
+        self.file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise CheckpointError(
+                f"{self.path.parent}: in use by another launch ({holder}); wait for it to end or choose "
+                "another logging.name"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self.file = f
+
+    def release(self) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
 
 
 def read_train_state(tag_dir: Path) -> dict[str, Any]:

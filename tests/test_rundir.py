@@ -1,0 +1,64 @@
+"""The run folder is owned by one launch at a time; tags and paths have one spelling."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_year
+from tests.dist_helpers import clean_env
+from trainer.rundir import CheckpointError, RunDir, RunLock, step_tag, task_of, year_tag
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_tags() -> None:
+    assert year_tag("2016") == "year-2016" and task_of("year-2016") == "2016"
+    assert step_tag(1200) == "step-1200" and task_of("step-1200") is None
+
+
+def test_second_lock_is_refused_until_the_first_is_released(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "runs" / "x")
+    first, second = RunLock(run), RunLock(run)
+    first.acquire()
+    with pytest.raises(CheckpointError, match=r"in use by another launch \(pid \d+ on "):
+        second.acquire()
+    first.release()
+    second.acquire()
+    second.release()
+
+
+@pytest.mark.timeout(200)
+def test_a_second_launch_on_a_run_in_use_exits_2_and_writes_nothing(tmp_path: Path, tiny_model_json: Path) -> None:
+    root, runs = tmp_path / "data", tmp_path / "runs"
+    write_year(root, "2014", n=16, per_shard=8)
+    lock = RunLock(RunDir(runs / "busy"))
+    lock.acquire()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "train.py"),
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            f"data.root={root}",
+            f"model.name={tiny_model_json}",
+            f"logging.run_dir={runs}",
+            "logging.name=busy",
+            "train.global_batch=8",
+            "train.micro_batch=8",
+            "data.workers=0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=180,
+        env=clean_env(),
+    )
+    lock.release()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("train: error:")]
+    assert len(lines) == 1 and "in use by another launch" in lines[0], proc.stderr[-2000:]
+    assert sorted(p.name for p in (runs / "busy").iterdir()) == [".lock"]
