@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -54,3 +57,22 @@ def clean_env() -> dict[str, str]:
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     return env
+
+
+def deepspeed_train(args: list[str], log: Path, env: dict[str, str] | None = None, timeout: int = 500) -> None:
+    """`deepspeed --num_gpus 2 launch/train.py ARGS` (2 CPU ranks) with its output in `log`; it must exit 0."""
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(repo / "launch" / "train.py"),
+        *args,
+    ]
+    with open(log, "w") as out:
+        proc = subprocess.run(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env={**clean_env(), **(env or {})}, cwd=repo, timeout=timeout
+        )
+    assert proc.returncode == 0, log.read_text()[-3000:]

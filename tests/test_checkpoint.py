@@ -88,3 +88,25 @@ def test_fp32_weights_in_open_clip_form(dist, tiny_model_json: Path, tmp_path: P
     if stage != 3:
         trained = {k: v.float() for k, v in engine.module.state_dict().items()}
         assert all(torch.equal(trained[k], weights[k]) for k in weights)
+
+
+@pytest.mark.timeout(120)
+def test_universal_conversion_uses_options_deepspeeds_command_line_has() -> None:
+    """We drive DeepSpeed's documented converter through its command line; an upgrade that drops or
+    renames an option we pass fails here, not in a resume on another number of ranks."""
+    import inspect
+    import subprocess
+
+    from trainer import checkpoint as ckpt
+
+    passed = [t for t in inspect.getsource(ckpt._convert_universal).split('"') if t.startswith("--")]
+    assert passed == [
+        "--input_folder",
+        "--output_folder",
+        "--num_extract_workers",
+        "--num_merge_workers",
+        "--inject_missing_state",
+    ]
+    usage = subprocess.run([*ckpt.UNIVERSAL_COMMAND, "--help"], capture_output=True, text=True, timeout=100).stdout
+    missing = [flag for flag in passed if flag not in usage]
+    assert not missing, f"DeepSpeed's ds_to_universal no longer takes {missing}"

@@ -15,21 +15,14 @@ import pytest
 import torch
 
 from tests.conftest import write_year
-from tests.dist_helpers import clean_env, free_port
+from tests.dist_helpers import clean_env, deepspeed_train
 from trainer.weights.consolidate import load_weights
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 def _launch(root: Path, runs: Path, model: Path, name: str, log: Path) -> None:
-    cmd = [
-        str(BIN / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(REPO / "launch" / "train.py"),
+    args = [
         "--config",
         str(REPO / "configs" / "demo.yaml"),
         f"data.root={root}",
@@ -47,10 +40,7 @@ def _launch(root: Path, runs: Path, model: Path, name: str, log: Path) -> None:
         "logging.progress=false",
     ]
     # A different hash seed in every process: nothing may depend on the order of a set of strings.
-    env = dict(clean_env(), PYTHONHASHSEED=str(os.getpid() % 1000 + len(name)))
-    with open(log, "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=400)
-    assert proc.returncode == 0, log.read_text()[-3000:]
+    deepspeed_train(args, log, env={"PYTHONHASHSEED": str(os.getpid() % 1000 + len(name))}, timeout=400)
 
 
 def _train_lines(run: Path) -> list[tuple[int, float]]:

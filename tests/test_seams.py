@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +15,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import write_year
-from tests.dist_helpers import clean_env, free_port
+from tests.dist_helpers import deepspeed_train
 from trainer.config import ConfigError, load_config
 from trainer.distributed import DistInfo
 from trainer.methods import build_methods
@@ -27,7 +25,6 @@ from trainer.objectives.base import ImageView, LossOutput, Objective, Outputs
 from trainer.objectives.clip import ContrastiveLoss
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 FLIPPED_WEIGHT = 0.5
 
 
@@ -138,20 +135,8 @@ def _settings(root: Path, runs: Path, model: Path, name: str) -> list[str]:
 
 
 def _launch(args: list[str], log: Path) -> None:
-    cmd = [
-        str(BIN / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(REPO / "launch" / "train.py"),
-        *args,
-    ]
-    env = clean_env()
-    env["PYTHONPATH"] = str(REPO)  # the test module is importable as tests.test_seams in every rank
-    with open(log, "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=500)
-    assert proc.returncode == 0, log.read_text()[-3000:]
+    # The test module is importable as tests.test_seams in every rank.
+    deepspeed_train(args, log, env={"PYTHONPATH": str(REPO)})
 
 
 def _train_lines(run: Path) -> dict[int, dict[str, Any]]:

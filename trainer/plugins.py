@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from trainer.config import ConfigError, build_dataclass
+from trainer.typed_config import ConfigError, build_dataclass
 
 
 def resolve(name: str, builtins: Mapping[str, str], base: type, key: str) -> type:
