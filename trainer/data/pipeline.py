@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import random
+import signal
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping
 from itertools import islice
@@ -288,6 +289,16 @@ class StreamDataset(IterableDataset):
         return batch
 
 
+def _leave_stop_signals_to_the_rank(worker_id: int) -> None:
+    """DataLoader worker start: ignore SIGTERM and SIGINT.
+
+    SLURM's --signal=TERM and a terminal's Ctrl-C reach every process of the group; a worker that
+    died of them would take the rank down before it saves. The rank's own handler decides when to stop.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_loader(dataset: StreamDataset, prefetch_factor: int = 2) -> DataLoader:
     """The rank's DataLoader: whole batches from the dataset's workers, pinned when CUDA is used."""
     # DataLoader refuses a prefetch factor without workers.
@@ -303,4 +314,5 @@ def build_loader(dataset: StreamDataset, prefetch_factor: int = 2) -> DataLoader
         # by now); pinned batches let the loop's non_blocking copies overlap with compute.
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=prefetch,
+        worker_init_fn=_leave_stop_signals_to_the_rank,
     )

@@ -1,0 +1,81 @@
+"""SLURM preemption as SLURM sends it: SIGTERM to every process of the step, DataLoader workers too.
+The run saves a checkpoint at the next step, exits 0, and resumes to the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_year
+from tests.dist_helpers import clean_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _args(root: Path, runs: Path, model: Path) -> list[str]:
+    return [
+        sys.executable,
+        str(REPO / "launch" / "train.py"),
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        f"data.root={root}",
+        f"model.name={model}",
+        f"logging.run_dir={runs}",
+        "logging.name=pre",
+        "train.global_batch=8",
+        "train.micro_batch=8",
+        "train.samples=240",
+        "data.workers=1",
+        "plan.years=[2014]",
+        "logging.every_steps=1",
+        "logging.progress=false",
+    ]
+
+
+def _logged_steps(run: Path) -> list[int]:
+    metrics = run / "metrics.jsonl"
+    if not metrics.exists():
+        return []
+    return [r["global_step"] for r in map(json.loads, metrics.read_text().splitlines()) if r["kind"] == "train"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigterm_to_the_whole_process_group_saves_and_exits_0(tmp_path: Path, tiny_model_json: Path) -> None:
+    root, runs = tmp_path / "data", tmp_path / "runs"
+    write_year(root, "2014", n=48, per_shard=16)
+    log = open(tmp_path / "run.log", "w")
+    proc = subprocess.Popen(
+        _args(root, runs, tiny_model_json),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=clean_env(),
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while max(_logged_steps(runs / "pre"), default=0) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "run.log").read_text()[-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)  # what SLURM's --signal=TERM does: every process, workers included
+    assert proc.wait(timeout=120) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    saved = [p.name for p in (runs / "pre" / "checkpoints").iterdir() if (p / "COMPLETE").exists()]
+    assert len(saved) == 1 and saved[0].startswith("step-"), saved
+    resumed = subprocess.run(
+        [*_args(root, runs, tiny_model_json), "--resume", "auto"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=clean_env(),
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (runs / "pre" / "checkpoints" / "year-2014" / "COMPLETE").exists()
+    assert max(_logged_steps(runs / "pre")) == 30
