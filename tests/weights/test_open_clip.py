@@ -116,6 +116,22 @@ def test_export_errors_exit_2(trained_run, tmp_path: Path, capsys) -> None:
     assert "not a run folder" in capsys.readouterr().err
 
 
+def test_local_dir_export_replaces_its_own_export_but_never_a_foreign_folder(trained_run, tmp_path: Path, capsys):
+    run, _ = trained_run
+    out = tmp_path / "export"
+    args = ["--run", str(run), "--year", "2014", "--out", str(out), "--format", "local-dir"]
+    assert export_main(args) == 0 and export_main(args) == 0  # a second export replaces the first
+    assert sorted(p.name for p in out.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    capsys.readouterr()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert export_main([*args[:-3], str(mine), "--format", "local-dir"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists and is not an open_clip local-dir export" in err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+
+
 def test_import_checks_keys_and_shapes(tiny_model_json: Path, tmp_path: Path) -> None:
     model = create_model(load_config(None, [f"model.name={tiny_model_json}", "data.root=/x"]).model)[0]
     good = tmp_path / "good.pt"

@@ -53,6 +53,10 @@ def export_local_dir(run_dir: Path, tag: str, out: Path, preprocess_cfg: dict[st
     """open_clip_config.json + open_clip_model.safetensors, loadable as `local-dir:<out>`."""
     from safetensors.torch import save_file
 
+    out = Path(out)
+    # Checked before the weights are read: a wrong --out costs nothing and touches nothing.
+    if out.exists() and not (out.is_dir() and {p.name for p in out.iterdir()} <= set(LOCAL_DIR_FILES)):
+        raise CheckpointError(f"--out: {out} exists and is not an open_clip local-dir export; choose a new folder")
     run = RunDir(Path(run_dir))
     cfg = run.load_config()
     weights = run_weights(run, tag, cfg)
@@ -67,9 +71,6 @@ def export_local_dir(run_dir: Path, tag: str, out: Path, preprocess_cfg: dict[st
         )
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / LOCAL_DIR_FILES[1]))
 
-    out = Path(out)
-    if out.exists() and not (out.is_dir() and {p.name for p in out.iterdir()} <= set(LOCAL_DIR_FILES)):
-        raise CheckpointError(f"--out: {out} exists and is not an open_clip local-dir export; choose a new folder")
     return atomic_write(out, write)
 
 
