@@ -140,3 +140,26 @@ def test_readme_config_reference_lists_every_setting() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [key for key, _, _ in reference() if f"| `{key}` |" not in readme]
     assert not missing, f"README config reference lacks {missing}: paste `python -m trainer.config_reference`"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=nan", "optim.lr: must be a finite number, got nan"),
+        ("optim.lr=.inf", "optim.lr: must be a finite number, got inf"),
+        ("optim.lr=inf", "optim.lr: must be a finite number, got inf"),
+        ("train.max_logit_scale=nan", "train.max_logit_scale: must be a finite number"),
+        ("optim.betas=[nan,0.98]", r"optim.betas\[0\]: must be a finite number"),
+        ("optim.grad_clip=inf", "optim.grad_clip: must be a finite number"),
+        ("data.max_bad_frac=nan", "data.max_bad_frac: must be a finite number"),
+        ("optim.min_lr=-1e-5", r"optim.min_lr: must be in \[0, optim.lr\]"),
+        ("optim.min_lr=1.0", r"optim.min_lr: must be in \[0, optim.lr\]"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay: must be 0 or more"),
+        ("optim.eps=0", "optim.eps: must be positive"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last: must be at least 1"),
+        ("checkpoint.min_free_gb=-1", "checkpoint.min_free_gb: must be 0 or more"),
+    ],
+)
+def test_numbers_must_be_finite_and_in_range(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["data.root=/x", override])

@@ -79,3 +79,28 @@ def test_sigterm_to_the_whole_process_group_saves_and_exits_0(tmp_path: Path, ti
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (runs / "pre" / "checkpoints" / "year-2014" / "COMPLETE").exists()
     assert max(_logged_steps(runs / "pre")) == 30
+
+
+@pytest.mark.timeout(300)
+def test_a_diverging_run_stops_with_one_line_and_saves_nothing_after_it(tmp_path: Path, tiny_model_json: Path) -> None:
+    root, runs = tmp_path / "data", tmp_path / "runs"
+    write_year(root, "2014", n=48, per_shard=16)
+    args = [a for a in _args(root, runs, tiny_model_json) if a != "data.workers=1"]
+    done = subprocess.run(
+        [*args, "data.workers=0", "optim.lr=1e25", "optim.warmup_steps=0", "optim.schedule=const"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=clean_env(),
+        timeout=250,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("train: error:")]
+    assert len(lines) == 1 and "loss is nan at optimizer step" in lines[0] and "year 2014" in lines[0], done.stderr
+    assert not (runs / "pre" / "checkpoints" / "year-2014").exists()
+
+    def strict(constant: str) -> None:
+        raise ValueError(f"metrics.jsonl holds {constant}, which is not JSON")
+
+    for line in (runs / "pre" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=strict)

@@ -258,6 +258,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "data.prefetch_factor": d.prefetch_factor,
         "plan.first_step_years": cfg.plan.first_step_years,
         "logging.every_steps": cfg.logging.every_steps,
+        # Keep-last prunes after each save: it must keep the checkpoint it has just written.
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
     }
     for key, v in positive.items():
         if v < 1:
@@ -268,7 +270,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "data.lanes": d.lanes,
         "optim.warmup_steps": o.warmup_steps,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
-        "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "eval.samples": cfg.eval.samples,
         "plan.buffer_samples": cfg.plan.buffer_samples,
     }
@@ -285,6 +286,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("deepspeed.nvme_path: nvme offload needs a folder")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr: must be positive, got {o.lr}")
+    if not 0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"optim.min_lr: must be in [0, optim.lr] = [0, {o.lr}], got {o.min_lr}")
+    if o.eps <= 0:
+        raise ConfigError(f"optim.eps: must be positive, got {o.eps}")
+    for key, amount in (("optim.weight_decay", o.weight_decay), ("checkpoint.min_free_gb", cfg.checkpoint.min_free_gb)):
+        if amount < 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {amount}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas: two numbers in [0, 1), got {o.betas}")
     if o.grad_clip < 0:

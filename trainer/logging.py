@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 import warnings
@@ -62,7 +63,7 @@ class MetricsLog:
             return
         record = {"kind": kind, "time": round(time.time(), 3), **record}
         assert self.file is not None, "metrics written after close()"
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(_finite(record), allow_nan=False) + "\n")
         if self.wandb is not None:
             step = record.get("global_step")
             numbers = {f"{kind}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
@@ -82,3 +83,14 @@ def progress(total: int, initial: int, desc: str, enabled: bool) -> tqdm | None:
     if not enabled:
         return None
     return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: such numbers are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

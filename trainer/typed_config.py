@@ -4,6 +4,7 @@ the dotted key; dotted command-line overrides merged over a tree."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal
@@ -56,11 +57,14 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):
             try:
-                return float(value)  # PyYAML reads 1e-3 (no dot) as a string
+                value = float(value)  # PyYAML reads 1e-3 (no dot) as a string
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            # No setting means anything at nan or inf: a learning rate of nan trains nothing.
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
         return float(value)
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

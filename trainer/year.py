@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +20,7 @@ from trainer.data.loading import step_data
 from trainer.data.shards import YearShards
 from trainer.distributed import DistInfo, sum_counts
 from trainer.engine import build_engine
+from trainer.errors import UserError
 from trainer.eval.evaluator import Evaluator, log_record
 from trainer.logging import MetricsLog, progress
 from trainer.loop import StepRecord, method_name, optimizer_steps
@@ -35,6 +37,10 @@ log = logging.getLogger("tic")
 
 BATCH_KEYS = ("image", "text", "key", "year", "cls", "meta", "year_counts", "bad")
 """What every batch holds; an objective's extra views take other names."""
+
+
+class Diverged(UserError):
+    """The loss became nan or inf: training stops there, its last checkpoint intact."""
 
 
 @dataclass
@@ -187,6 +193,13 @@ class StepRun:
                 rec = next(records, None)
                 if rec is None:
                     raise RuntimeError(f"data ran out at optimizer step {state.opt_step} of {step.steps}")
+                if not math.isfinite(rec.loss):
+                    # Before anything is logged or saved: the last checkpoint is the last good one.
+                    raise Diverged(
+                        f"loss is {rec.loss} at optimizer step {state.opt_step + 1} of year {step.tag} (global step "
+                        f"{state.global_step + 1}); nothing after it was saved: resume from the last checkpoint "
+                        "with a lower optim.lr or optim.grad_clip"
+                    )
                 self._count(rec, keys)
                 for method in p.methods:
                     method.after_step(self.ctx)
