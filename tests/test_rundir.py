@@ -62,3 +62,36 @@ def test_a_second_launch_on_a_run_in_use_exits_2_and_writes_nothing(tmp_path: Pa
     lines = [line for line in proc.stderr.splitlines() if line.startswith("train: error:")]
     assert len(lines) == 1 and "in use by another launch" in lines[0], proc.stderr[-2000:]
     assert sorted(p.name for p in (runs / "busy").iterdir()) == [".lock"]
+
+
+@pytest.mark.timeout(300)
+def test_relaunching_a_finished_run_without_resume_is_refused_and_touches_nothing(tmp_path: Path, tiny_model_json):
+    root, runs = tmp_path / "data", tmp_path / "runs"
+    write_year(root, "2014", n=16, per_shard=8)
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "train.py"),
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        f"data.root={root}",
+        f"model.name={tiny_model_json}",
+        f"logging.run_dir={runs}",
+        "logging.name=done",
+        "train.global_batch=8",
+        "train.micro_batch=8",
+        "train.samples=16",
+        "data.workers=0",
+        "logging.progress=false",
+    ]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=200, env=clean_env())
+    assert first.returncode == 0, first.stderr[-2000:]
+    run = runs / "done"
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    again = subprocess.run(
+        [*cmd, "optim.lr=1e-3"], capture_output=True, text=True, cwd=REPO, timeout=200, env=clean_env()
+    )
+    assert again.returncode == 2, again.stderr[-2000:]
+    lines = [line for line in again.stderr.splitlines() if line.startswith("train: error:")]
+    assert len(lines) == 1 and "already has year-2014" in lines[0] and "--resume auto" in lines[0], again.stderr
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before

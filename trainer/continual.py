@@ -51,6 +51,8 @@ class ContinualRun:
         # Checked before anything is written: a resume with other settings must not touch the run.
         self.saved = self._saved_state(self.resume_tag) if self.resume_tag is not None else None
         self.todo, self.mid = self._remaining()
+        if self.saved is None:
+            self._refuse_overwrite()
         self.start_weights = self._check_start(start_from)
         self.lock = self._lock()
         if dist.is_main:
@@ -90,6 +92,18 @@ class ContinualRun:
                 "(compare its config.yaml); start a new run name instead"
             )
         return state
+
+    def _refuse_overwrite(self) -> None:
+        """A launch without --resume trains its steps anew: it may not replace checkpoints of them."""
+        first = self.todo[0].index if self.todo else len(self.plan.steps)
+        ckpt_dir = self.run_dir.checkpoints
+        tags = sorted(d.name for d in ckpt_dir.iterdir() if ckpt.is_complete(d)) if ckpt_dir.is_dir() else []
+        later = [t for t in tags if self.run_dir.train_state(t).get("plan_step", first) >= first]
+        if later:
+            raise ConfigError(
+                f"{self.run_dir.path}: already has {', '.join(later)}; pass --resume auto to continue the run, "
+                "or choose another logging.name"
+            )
 
     def _remaining(self) -> tuple[list[YearStep], str | None]:
         """The selected steps still to train, and the mid-year tag the first of them resumes from."""
