@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= offline
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv test lint demo clean
+.PHONY: venv test reliability lint demo clean
 
 venv: $(STAMP)
 
@@ -25,7 +25,12 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 -m "not reliability" tests
+
+# Faults injected into whole runs (signals, kills mid-save, full disks, S3 errors, crafted files,
+# a config fuzz); it takes longer than `make test`, so it is its own target. README: Reliability.
+reliability: $(STAMP)
+	$(PY) -m pytest -q --durations=15 -m reliability tests
 
 # ruff (lint + format check) and mypy, as configured in pyproject.toml; CI runs it before the tests.
 lint: $(STAMP)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.dist_helpers import run_ranks
+from tests.fs_helpers import small_disk
 from trainer import checkpoint as ckpt
 from trainer.config import load_config
 from trainer.distributed import init_distributed
@@ -27,7 +30,7 @@ def _engine(dist, tiny_model_json: Path, stage: int):
         [
             f"model.name={tiny_model_json}",
             "data.root=/unused",
-            "train.global_batch=2",
+            f"train.global_batch={2 * dist.world_size}",
             "train.micro_batch=2",
             f"deepspeed.zero_stage={stage}",
         ],
@@ -110,3 +113,59 @@ def test_universal_conversion_uses_options_deepspeeds_command_line_has() -> None
     usage = subprocess.run([*ckpt.UNIVERSAL_COMMAND, "--help"], capture_output=True, text=True, timeout=100).stdout
     missing = [flag for flag in passed if flag not in usage]
     assert not missing, f"DeepSpeed's ds_to_universal no longer takes {missing}"
+
+
+@pytest.mark.timeout(120)
+def test_disk_full_mid_write_fails_the_save_and_keeps_the_last_checkpoint(
+    dist, tiny_model_json: Path, tmp_path: Path
+) -> None:
+    """A real small tmpfs: the first save fits; the second passes the free-space check (room for one
+    more of the first's size) but is larger, and runs out of space half-way through."""
+    engine = _engine(dist, tiny_model_json, stage=1)
+    probe = tmp_path / "probe"
+    ckpt.save(engine, probe, "step-1", {}, dist, min_free_gb=0, keep_last=2)
+    size = sum(p.stat().st_size for p in (probe / "step-1").rglob("*") if p.is_file())
+    with small_disk(tmp_path / "disk", f"{int(size * 2.5) // 1024}k") as disk:
+        d = disk / "checkpoints"
+        ckpt.save(engine, d, "step-1", {"global_step": 1}, dist, min_free_gb=0, keep_last=2)
+        with pytest.raises(ckpt.CheckpointError) as e:
+            ckpt.save(engine, d, "step-2", {"global_step": 2, "log": "x" * 2 * size}, dist, 0, keep_last=2)
+        assert "no space left on device" in str(e.value) and "step-1, is intact" in str(e.value)
+        assert "\n" not in str(e.value)
+        assert not (d / "step-2").exists()
+        assert (d / "latest").read_text().strip() == "step-1" and ckpt.find_latest(d) == "step-1"
+        assert ckpt.load(engine, d, "step-1")["global_step"] == 1
+
+
+def _rank_fails_to_write(rank: int, world: int, model: str, out: str, failing: str) -> None:
+    """Rank `failing` (or every rank's disk check, 'space') hits the problem; every rank must raise."""
+    dist = init_distributed("gloo")
+    engine = _engine(dist, Path(model), stage=1)
+    d = Path(out) / "checkpoints"
+    ckpt.save(engine, d, "step-1", {"global_step": 1}, dist, min_free_gb=0, keep_last=2)
+    if failing == "space" and rank == 1:
+        usage = shutil.disk_usage(d)
+        ckpt.shutil.disk_usage = lambda _: usage._replace(free=10)  # type: ignore[assignment]
+    elif failing == "write" and rank == 1:
+        # Rank 1's own optimizer shard hits ENOSPC while rank 0's files are written fine.
+        def full(*_: object, **__: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        engine.checkpoint_engine.save = full
+    try:
+        ckpt.save(engine, d, "step-2", {"global_step": 2}, dist, min_free_gb=0, keep_last=2)
+    except ckpt.CheckpointError as e:
+        (Path(out) / f"rank-{rank}.txt").write_text(str(e))
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("failing", ["space", "write"])
+def test_one_ranks_disk_problem_fails_the_save_on_every_rank(
+    tiny_model_json: Path, tmp_path: Path, failing: str
+) -> None:
+    run_ranks(_rank_fails_to_write, 2, str(tiny_model_json), str(tmp_path), failing)
+    messages = [(tmp_path / f"rank-{r}.txt").read_text() for r in (0, 1)]
+    assert messages[0] == messages[1] and "rank 1 on " in messages[0]
+    assert ("GiB free" if failing == "space" else "No space left on device") in messages[0]
+    d = tmp_path / "checkpoints"
+    assert not (d / "step-2").exists() and ckpt.find_latest(d) == "step-1"

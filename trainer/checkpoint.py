@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.distributed import DistInfo, barrier, broadcast_object
+from trainer.distributed import DistInfo, all_gather_object, barrier
 from trainer.files import atomic_write, write_text_atomic
 from trainer.rundir import STEP_TAG, TRAIN_STATE, CheckpointError, read_train_state
+from trainer.safe_load import restricted_unpickling
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -39,6 +41,30 @@ def check_free_space(ckpt_dir: Path, min_free_gb: float) -> None:
         )
 
 
+FULL_DISK_BYTES = 64 * 2**20
+"""torch.save reports a full disk as a RuntimeError without errno; this little space left means it was."""
+
+
+def _write_failure(e: Exception, ckpt_dir: Path) -> str:
+    """Why a checkpoint write failed, in a few words."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    try:
+        free = shutil.disk_usage(ckpt_dir).free
+    except OSError:
+        free = None
+    if free is not None and free < FULL_DISK_BYTES:
+        return f"no space left on device, {free / 2**20:.1f} MiB free"
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _agree(problem: str, dist: DistInfo) -> str:
+    """The first rank's problem ('rank R on HOST: ...'), or '' when no rank has one; a collective."""
+    if problem:
+        problem = f"rank {dist.rank} on {socket.gethostname()}: {problem}"
+    return next((p for p in all_gather_object(problem) if p), "")
+
+
 def save(
     engine: Any,
     ckpt_dir: Path,
@@ -48,28 +74,51 @@ def save(
     min_free_gb: float,
     keep_last: int,
 ) -> Path:
-    """Save on all ranks; rank 0 then marks it COMPLETE and points `latest` at it."""
-    ok = None
-    if dist.is_main:
-        try:
-            check_free_space(ckpt_dir, min_free_gb)
-            ok = ""
-        except CheckpointError as e:
-            ok = str(e)
-    ok = broadcast_object(ok)
-    if ok:
-        raise CheckpointError(ok)
+    """Save on all ranks; rank 0 then marks it COMPLETE and points `latest` at it.
+
+    Every rank checks its own disk first (node-local disks differ), and a write that fails on any
+    rank (a full disk, an I/O error) fails the save on all: the partial tag is removed and the
+    previous checkpoint stays `latest`.
+    """
+    try:
+        check_free_space(ckpt_dir, min_free_gb)
+        problem = ""
+    except (CheckpointError, OSError) as e:
+        problem = str(e)
+    problem = _agree(problem, dist)
+    if problem:
+        raise CheckpointError(f"{ckpt_dir / tag}: not saved ({problem})")
     tag_dir = ckpt_dir / tag
     if dist.is_main and tag_dir.exists():
         # A leftover from a killed save (or a run resumed from an older tag): never mix files.
         (tag_dir / COMPLETE).unlink(missing_ok=True)
         shutil.rmtree(tag_dir)
     barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    barrier()
+    problem = ""
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as e:
+        problem = _write_failure(e, ckpt_dir)
+        # DeepSpeed's writes sit between its collectives and its closing barrier, where the
+        # ranks whose writes succeeded now wait: join them there.
+        barrier()
+    if not problem and dist.is_main:
+        try:
+            write_text_atomic(tag_dir / TRAIN_STATE, json.dumps(client_state, indent=1, default=str))
+            write_text_atomic(tag_dir / COMPLETE, tag + "\n")
+        except OSError as e:
+            problem = _write_failure(e, ckpt_dir)
+    problem = _agree(problem, dist)
+    if problem:
+        if dist.is_main:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        barrier()
+        kept = find_latest(ckpt_dir)
+        raise CheckpointError(
+            f"{tag_dir}: not saved ({problem}); "
+            + (f"the last complete checkpoint, {kept}, is intact" if kept else "no earlier checkpoint")
+        )
     if dist.is_main:
-        write_text_atomic(tag_dir / TRAIN_STATE, json.dumps(client_state, indent=1, default=str))
-        write_text_atomic(tag_dir / COMPLETE, tag + "\n")
         write_text_atomic(ckpt_dir / LATEST, tag + "\n")
         prune(ckpt_dir, keep_last)
     barrier()
@@ -128,8 +177,9 @@ def to_universal(ckpt_dir: Path, tag: str, dist: DistInfo) -> Path:
     return out
 
 
-UNIVERSAL_COMMAND = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
-"""DeepSpeed's documented converter, run as its command line so that options it adds get their defaults."""
+UNIVERSAL_COMMAND = [sys.executable, "-m", "trainer.safe_load", "deepspeed.checkpoint.ds_to_universal"]
+"""DeepSpeed's documented converter, run as its command line so that options it adds get their defaults,
+with the checkpoint files it reads unpickled weights-only (trainer/safe_load.py)."""
 
 
 def _convert_universal(tag_dir: Path, out: Path) -> None:
@@ -158,7 +208,8 @@ def load(engine: Any, ckpt_dir: Path, tag: str) -> dict[str, Any]:
     """Restore model, optimizer and LR schedule through DeepSpeed; return the client state."""
     if not is_complete(ckpt_dir / tag):
         raise CheckpointError(f"{ckpt_dir / tag}: not a complete checkpoint (no {COMPLETE} marker)")
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    with restricted_unpickling(ckpt_dir / tag):
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise CheckpointError(f"{ckpt_dir / tag}: DeepSpeed could not load it")
     return client_state

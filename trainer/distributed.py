@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -95,14 +95,19 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def all_gather_object(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order (a one-element list when not distributed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def sum_counts(counts: dict[str, int]) -> dict[str, int]:
     """Add up per-rank counters whose keys may differ between ranks."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return dict(counts)
-    parts: list[dict[str, int]] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(parts, counts)
     total: dict[str, int] = {}
-    for part in parts:
+    for part in all_gather_object(counts):
         for k, v in part.items():
             total[k] = total.get(k, 0) + v
     return total

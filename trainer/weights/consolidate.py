@@ -10,6 +10,7 @@ import torch
 
 from trainer.checkpoint import is_complete
 from trainer.rundir import CheckpointError
+from trainer.safe_load import restricted_unpickling
 
 
 def load_weights(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -22,16 +23,18 @@ def load_weights(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     tag_dir = Path(ckpt_dir) / tag
     if not is_complete(tag_dir):
         raise CheckpointError(f"{tag_dir}: not a complete checkpoint")
-    if any(tag_dir.glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with restricted_unpickling(tag_dir):
+        if any(tag_dir.glob("*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress lines
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    else:
-        files = sorted(tag_dir.glob("*model_states.pt"))
-        if not files:
-            raise CheckpointError(f"{tag_dir}: no DeepSpeed model states file")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+            # It prints progress lines and bars, noise around our one line of outcome.
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        else:
+            files = sorted(tag_dir.glob("*model_states.pt"))
+            if not files:
+                raise CheckpointError(f"{tag_dir}: no DeepSpeed model states file")
+            state = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
     out = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     out["logit_scale"] = out["logit_scale"].reshape(())  # open_clip's shape; training uses [1]
     return out
