@@ -9,7 +9,7 @@ from pathlib import Path
 from trainer.errors import UserError
 from trainer.model import create_model
 from trainer.rundir import RunDir, year_tag
-from trainer.weights.open_clip import export_local_dir, export_pt
+from trainer.weights.open_clip import export_local_dir, export_pt, load_hint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,21 +25,20 @@ def main(argv: list[str] | None = None) -> int:
         default="pt",
         help="pt: {state_dict, epoch, name} for pretrained=path; local-dir: config + safetensors",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
     args = p.parse_args(argv)
     tag = args.tag or year_tag(args.year)
     try:
         if args.format == "pt":
-            out = export_pt(args.run, tag, args.out)
+            out = export_pt(args.run, tag, args.out, args.overwrite)
         else:
             model = create_model(RunDir(args.run).load_config().model)[0]
-            out = export_local_dir(args.run, tag, args.out, dict(model.visual.preprocess_cfg))
+            out = export_local_dir(args.run, tag, args.out, dict(model.visual.preprocess_cfg), args.overwrite)
+        hint = load_hint(RunDir(args.run).load_config(), out, args.format)
     except UserError as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
-    print(
-        f"wrote {out}"
-        + (f"  (open_clip: create_model_and_transforms('local-dir:{out}'))" if args.format == "local-dir" else "")
-    )
+    print(f"wrote {out}  ({hint})")
     return 0
 
 

@@ -16,7 +16,7 @@ from trainer.config import load_config, save_config
 from trainer.distributed import init_distributed
 from trainer.engine import build_engine
 from trainer.model import ModelError, create_model
-from trainer.weights.open_clip import check_fits, read_open_clip_checkpoint
+from trainer.weights.open_clip import check_fits, load_hint, read_open_clip_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,34 @@ def test_export_pt_loads_in_plain_open_clip(trained_run, tiny_model_json: Path, 
 
 
 @pytest.mark.timeout(240)
+def test_export_pt_refuses_an_existing_file_unless_told(trained_run, tmp_path: Path, capsys) -> None:
+    run, _ = trained_run
+    out = tmp_path / "2014.pt"
+    out.write_bytes(b"someone's file")
+    args = ["--run", str(run), "--year", "2014", "--out", str(out)]
+    assert export_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out} exists; pass --overwrite to replace it" in err
+    assert out.read_bytes() == b"someone's file"
+    assert export_main([*args, "--overwrite"]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith(f"wrote {out}  (open_clip: open_clip.add_model_config(") and "QuickGELU" not in said
+    assert set(torch.load(out, weights_only=True)) == {"state_dict", "epoch", "name"}
+    assert [p.name for p in tmp_path.iterdir()] == ["2014.pt"]  # written beside, then renamed over
+
+
+def test_pt_export_hint_names_quick_gelu(tmp_path: Path) -> None:
+    cfg = load_config(None, ["model.name=ViT-B-32", "model.force_quick_gelu=true", "data.root=/x"])
+    hint = load_hint(cfg, tmp_path / "a.pt", "pt")
+    assert hint == (
+        f"open_clip: create_model_and_transforms('ViT-B-32', pretrained='{tmp_path / 'a.pt'}', "
+        "force_quick_gelu=True); the model uses QuickGELU"
+    )
+    plain = load_config(None, ["model.name=ViT-B-32", "data.root=/x"])
+    assert "QuickGELU" not in load_hint(plain, tmp_path / "a.pt", "pt")
+
+
+@pytest.mark.timeout(240)
 def test_export_local_dir_needs_no_registration(trained_run, tmp_path: Path) -> None:
     run, reference = trained_run
     out = tmp_path / "tiny-2014"
@@ -120,7 +148,14 @@ def test_local_dir_export_replaces_its_own_export_but_never_a_foreign_folder(tra
     run, _ = trained_run
     out = tmp_path / "export"
     args = ["--run", str(run), "--year", "2014", "--out", str(out), "--format", "local-dir"]
-    assert export_main(args) == 0 and export_main(args) == 0  # a second export replaces the first
+    assert export_main(args) == 0
+    capsys.readouterr()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert export_main(args) == 2  # an earlier export is replaced only when asked
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds an earlier export; pass --overwrite to replace it" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert export_main([*args, "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
     capsys.readouterr()
     mine = tmp_path / "mine"
@@ -142,6 +177,14 @@ def test_import_checks_keys_and_shapes(tiny_model_json: Path, tmp_path: Path) ->
     state["visual.proj"] = torch.zeros(3, 3)
     with pytest.raises(ModelError, match="good.pt: does not fit model.name .*shape differs: visual.proj"):
         check_fits(state, model, str(good))
+    # As many numbers in another shape (a transposed projection) does not fit either.
+    proj = model.state_dict()["visual.proj"]
+    state["visual.proj"] = proj.reshape(-1)
+    with pytest.raises(ModelError, match=r"shape differs: visual.proj \(.*\)$"):
+        check_fits(state, model, str(good))
+    state["visual.proj"] = proj
+    state["logit_scale"] = state["logit_scale"].reshape(1)  # [1] and 0-dim are the same scalar
+    check_fits(state, model, str(good))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ckpt.CheckpointError, match="junk.pt: not a loadable open_clip checkpoint"):
         read_open_clip_checkpoint(tmp_path / "junk.pt")

@@ -39,24 +39,33 @@ def _epoch(run: RunDir, tag: str) -> int:
     return int(state["plan_step"]) + (1 if state.get("year_complete") else 0)
 
 
-def export_pt(run_dir: Path, tag: str, out: Path) -> Path:
+def export_pt(run_dir: Path, tag: str, out: Path, overwrite: bool = False) -> Path:
     """{"state_dict", "epoch", "name"}: what `create_model_and_transforms(name, pretrained=out)` loads."""
+    out = Path(out)
+    # Checked before the weights are read: a wrong --out costs nothing and touches nothing.
+    if out.is_dir() or (out.exists() and not overwrite):
+        raise CheckpointError(f"--out: {out} exists" + ("" if out.is_dir() else "; pass --overwrite to replace it"))
     run = RunDir(Path(run_dir))
     cfg = run.load_config()
     payload = {"state_dict": run_weights(run, tag, cfg), "epoch": _epoch(run, tag), "name": cfg.logging.name}
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(out, lambda tmp: torch.save(payload, tmp))
 
 
-def export_local_dir(run_dir: Path, tag: str, out: Path, preprocess_cfg: dict[str, Any]) -> Path:
+def export_local_dir(
+    run_dir: Path, tag: str, out: Path, preprocess_cfg: dict[str, Any], overwrite: bool = False
+) -> Path:
     """open_clip_config.json + open_clip_model.safetensors, loadable as `local-dir:<out>`."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    # Checked before the weights are read: a wrong --out costs nothing and touches nothing.
-    if out.exists() and not (out.is_dir() and {p.name for p in out.iterdir()} <= set(LOCAL_DIR_FILES)):
+    # Checked before the weights are read: a wrong --out costs nothing and touches nothing. An
+    # earlier export is replaced only when asked; anything else in the folder, never.
+    held = {p.name for p in out.iterdir()} if out.is_dir() else None
+    if out.exists() and (held is None or not held <= set(LOCAL_DIR_FILES)):
         raise CheckpointError(f"--out: {out} exists and is not an open_clip local-dir export; choose a new folder")
+    if held and not overwrite:
+        raise CheckpointError(f"--out: {out} holds an earlier export; pass --overwrite to replace it")
     run = RunDir(Path(run_dir))
     cfg = run.load_config()
     weights = run_weights(run, tag, cfg)
@@ -72,6 +81,21 @@ def export_local_dir(run_dir: Path, tag: str, out: Path, preprocess_cfg: dict[st
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / LOCAL_DIR_FILES[1]))
 
     return atomic_write(out, write)
+
+
+def load_hint(cfg: Config, out: Path, fmt: str) -> str:
+    """How plain open_clip loads an export; for a .pt, whether it needs QuickGELU (weights cannot say)."""
+    if fmt == "local-dir":
+        return f"open_clip: create_model_and_transforms('local-dir:{out}')"  # its config records the activation
+    name = cfg.model.name
+    register = ""
+    if name.endswith(".json"):
+        register, name = f"open_clip.add_model_config('{name}'), then ", Path(name).stem
+    flag = ", force_quick_gelu=True" if cfg.model.force_quick_gelu else ""
+    quick = cfg.model.force_quick_gelu or bool(model_config(cfg.model.name).get("quick_gelu"))
+    return f"open_clip: {register}create_model_and_transforms('{name}', pretrained='{out}'{flag})" + (
+        "; the model uses QuickGELU" if quick else ""
+    )
 
 
 def read_open_clip_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -95,11 +119,17 @@ def check_fits(state: dict[str, torch.Tensor], model: nn.Module, source: str) ->
     own = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if state[k].numel() != own[k].numel())
+    wrong = sorted(k for k in set(own) & set(state) if not _same_shape(state[k].shape, own[k]))
     if missing or extra or wrong:
+        shapes = [f"{k} ({tuple(state[k].shape)} here, {tuple(own[k])} in the model)" for k in wrong]
         detail = "; ".join(
             f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", extra), ("shape differs", wrong))
+            for label, keys in (("missing", missing), ("unexpected", extra), ("shape differs", shapes))
             if keys
         )
         raise ModelError(f"{source}: does not fit model.name ({detail})")
+
+
+def _same_shape(a: torch.Size, b: torch.Size) -> bool:
+    """Equal shapes; a scalar stored 0-dim or as [1] (logit_scale in open_clip vs DeepSpeed) is one."""
+    return a == b or (a.numel() == b.numel() == 1 and len(a) <= 1 and len(b) <= 1)
