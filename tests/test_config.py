@@ -158,6 +158,9 @@ def test_readme_config_reference_lists_every_setting() -> None:
         ("optim.eps=0", "optim.eps: must be positive"),
         ("checkpoint.keep_last=0", "checkpoint.keep_last: must be at least 1"),
         ("checkpoint.min_free_gb=-1", "checkpoint.min_free_gb: must be 0 or more"),
+        ("logging.name=../../x", "logging.name: must be one folder name inside logging.run_dir, got '../../x'"),
+        ("logging.name=..", "logging.name: must be one folder name inside"),
+        ("logging.name=a/b", "logging.name: must be one folder name inside"),
     ],
 )
 def test_numbers_must_be_finite_and_in_range(override: str, message: str) -> None:

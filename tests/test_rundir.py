@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import write_year
 from tests.dist_helpers import clean_env
+from tests.fs_helpers import read_only, small_disk
 from trainer.rundir import CheckpointError, RunDir, RunLock, step_tag, task_of, year_tag
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,3 +96,46 @@ def test_relaunching_a_finished_run_without_resume_is_refused_and_touches_nothin
     assert len(lines) == 1 and "already has year-2014" in lines[0] and "--resume auto" in lines[0], again.stderr
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before
+
+
+def _launch(root: Path, runs: Path, model: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "train.py"),
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            f"data.root={root}",
+            f"model.name={model}",
+            f"logging.run_dir={runs}",
+            "train.global_batch=8",
+            "train.micro_batch=8",
+            "data.workers=0",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=180,
+        env=clean_env(),
+    )
+
+
+@pytest.mark.timeout(200)
+def test_a_run_dir_that_is_a_file_or_read_only_is_one_line_exit_2(tmp_path: Path, tiny_model_json: Path) -> None:
+    root = tmp_path / "data"
+    write_year(root, "2014", n=16, per_shard=8)
+    a_file = tmp_path / "runs-file"
+    a_file.write_text("not a folder\n")
+    proc = _launch(root, a_file, tiny_model_json)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"train: error: {a_file}/demo: cannot write the run folder (")
+    assert a_file.read_text() == "not a folder\n"
+    with small_disk(tmp_path / "ro", "1m") as disk:
+        read_only(disk)
+        proc = _launch(root, disk / "runs", tiny_model_json)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+        assert errors == [f"train: error: {disk}/runs/demo: cannot write the run folder (Read-only file system)"]
+        assert list(disk.iterdir()) == []

@@ -303,6 +303,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"train.max_logit_scale: must exceed 1, got {t.max_logit_scale}")
     if not d.root:
         raise ConfigError("data.root: no training data given (a dataset root, shard folder or URL)")
+    name = cfg.logging.name
+    if name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"logging.name: must be one folder name inside logging.run_dir, got {name!r}")
     if world_size is not None:
         per_step = t.micro_batch * world_size
         if t.global_batch % per_step:

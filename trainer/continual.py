@@ -11,7 +11,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer.config import Config, ConfigError, accumulation_steps
 from trainer.data.shards import find_years
-from trainer.distributed import DistInfo, barrier, broadcast_object
+from trainer.distributed import DistInfo, broadcast_object
 from trainer.eval.evaluator import Evaluator
 from trainer.layout import TRAIN
 from trainer.logging import MetricsLog
@@ -31,6 +31,8 @@ class ContinualRun:
     """Everything one launch of `launch/train.py` does, step after step of the plan."""
 
     def __init__(self, cfg: Config, dist: DistInfo, resume: str = "", start_from: str = "", years: str = "") -> None:
+        if not cfg.logging.name:
+            raise ConfigError("logging.name: the run needs a name (or a --config file, whose stem names it)")
         self.cfg = cfg
         self.dist = dist
         self.accum = accumulation_steps(cfg, dist.world_size)
@@ -54,21 +56,26 @@ class ContinualRun:
         if self.saved is None:
             self._refuse_overwrite()
         self.start_weights = self._check_start(start_from)
-        self.lock = self._lock()
-        if dist.is_main:
-            self.run_dir.write_header(cfg, self.plan.to_dict())
-        barrier()
+        self.lock = self._own_run_dir()
         self.metrics = MetricsLog(self.run_dir.path, cfg, dist.is_main)
         self.stop = StopFlag()
 
-    def _lock(self) -> RunLock:
-        """The run folder, owned by this launch until it ends; every rank learns whether it got it."""
+    def _own_run_dir(self) -> RunLock:
+        """The run folder, locked by this launch until it ends, with its config and plan written.
+
+        Rank 0 does both; every rank learns whether it could (a folder in use, a run_dir that is
+        a file or read-only).
+        """
         lock, refused = RunLock(self.run_dir), ""
         if self.dist.is_main:
             try:
                 lock.acquire()
+                self.run_dir.write_header(self.cfg, self.plan.to_dict())
             except CheckpointError as e:
                 refused = str(e)
+            except OSError as e:
+                lock.release()
+                refused = f"{self.run_dir.path}: cannot write the run folder ({e.strerror or e})"
         refused = broadcast_object(refused)
         if refused:
             raise CheckpointError(refused)
