@@ -18,6 +18,9 @@ import torch
 
 from tests.conftest import write_year
 from tests.dist_helpers import clean_env, free_port
+from tests.run_helpers import losses, wait_for_step, weights_equal
+from trainer.engine import lr_factor
+from trainer.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -51,11 +54,6 @@ def _run(cmd: list[str], log: Path) -> None:
     with open(log, "w") as out:
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=clean_env(), cwd=REPO, timeout=400)
     assert proc.returncode == 0, log.read_text()[-3000:]
-
-
-def _losses(run: Path) -> dict[int, float]:
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["global_step"]: r["loss"] for r in lines if r["kind"] == "train"}
 
 
 def _keys(run: Path) -> dict[int, list[set[str]]]:
@@ -129,7 +127,7 @@ def runs(tmp_path_factory, tiny_model_json: Path) -> dict[str, Path]:
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", ["zero2", "zero3"])
 def test_two_ranks_equal_one_rank(runs: dict[str, Path], name: str) -> None:
-    one, two = _losses(runs["one"]), _losses(runs[name])
+    one, two = losses(runs["one"]), losses(runs[name])
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-4), (step, one, two)
@@ -141,6 +139,18 @@ def test_two_ranks_equal_one_rank(runs: dict[str, Path], name: str) -> None:
         assert rank0 | rank1 == single
     seen = [k for step in range(1, STEPS + 1) for k in keys_one[step][0]]
     assert len(set(seen)) == len(seen) == 8 * STEPS  # 80 distinct samples of the 96
+
+
+@pytest.mark.timeout(900)
+def test_logged_lr_is_the_lr_each_step_was_taken_with(runs: dict[str, Path]) -> None:
+    """Warmup 2: step 1 steps with half the peak LR, step 2 with all of it, then the cosine."""
+    cfg = RunDir(runs["one"]).load_config()
+    lines = [json.loads(line) for line in (runs["one"] / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["lr"] for r in lines if r["kind"] == "train"}
+    ratio = cfg.optim.min_lr / cfg.optim.lr
+    want = {s: cfg.optim.lr * lr_factor(s - 1, STEPS, 2, cfg.optim.schedule, ratio) for s in range(1, STEPS + 1)}
+    assert logged[1] == pytest.approx(cfg.optim.lr / 2)
+    assert logged == pytest.approx(want)
 
 
 @pytest.mark.timeout(900)
@@ -173,32 +183,11 @@ def test_stopped_after_step_5_and_resumed_gives_the_same_losses(runs: dict[str, 
         ],
         runs["base"] / "resumed.log",
     )
-    original, again = _losses(runs["one"]), _losses(resumed)
+    original, again = losses(runs["one"]), losses(resumed)
     assert sorted(again) == list(range(6, STEPS + 1))
     for step in again:
         assert again[step] == original[step], (step, original, again)
     assert _keys(resumed)[6] == _keys(runs["one"])[6]
-
-
-def _weights_equal(a: Path, b: Path) -> bool:
-    from trainer.weights.consolidate import load_weights
-
-    wa, wb = load_weights(a / "checkpoints", "year-2014"), load_weights(b / "checkpoints", "year-2014")
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended (status {proc.returncode}) before step {step}")
-        metrics = run / "metrics.jsonl"
-        if metrics.exists() and any(
-            json.loads(line)["global_step"] >= step for line in metrics.read_text().splitlines()
-        ):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
 @pytest.mark.timeout(900)
@@ -225,14 +214,12 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(runs: dict[s
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=clean_env(), cwd=REPO, start_new_session=True
     )
-    _wait_for_step(runs_dir / "killed", kill_at, proc)
+    wait_for_step(runs_dir / "killed", kill_at, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     _run(cmd[:4] + [str(free_port())] + cmd[5:], runs["base"] / "killed-resumed.log")
-    records = [json.loads(line) for line in (runs_dir / "killed" / "metrics.jsonl").read_text().splitlines()]
-    last = {r["global_step"]: r["loss"] for r in records if r["kind"] == "train"}  # redone steps: last value
-    assert last == _losses(runs["zero2"]), f"KILL_SEED={seed}"
-    assert _weights_equal(runs_dir / "killed", runs["zero2"]), f"KILL_SEED={seed}"
+    assert losses(runs_dir / "killed") == losses(runs["zero2"]), f"KILL_SEED={seed}"  # redone steps: last value
+    assert weights_equal(runs_dir / "killed", runs["zero2"]), f"KILL_SEED={seed}"
 
 
 @pytest.mark.timeout(900)
@@ -256,7 +243,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(runs: dict[str, Path], name: st
         runs["base"] / f"{name}-on-one.log",
     )
     assert "loading it as a universal checkpoint" in (runs["base"] / f"{name}-on-one.log").read_text()
-    original, again = _losses(runs[name]), _losses(shrunk)
+    original, again = losses(runs[name]), losses(shrunk)
     assert sorted(again) == list(range(6, STEPS + 1))
     for step in again:
         assert again[step] == pytest.approx(original[step], abs=1e-4), (step, original, again)

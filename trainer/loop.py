@@ -15,10 +15,12 @@ from trainer.objectives.base import Objective, Outputs
 
 @dataclass
 class StepRecord:
-    """One optimizer step: its loss (objective + methods), the named terms, timings and the micro-batches."""
+    """One optimizer step: its loss (objective + methods), the named terms, the LR it stepped with,
+    timings and the micro-batches."""
 
     loss: float
     terms: dict[str, float]
+    lr: float
     data_wait: float
     compute: float
     batches: list[dict[str, Any]]
@@ -146,6 +148,8 @@ def optimizer_steps(
                 return
             micro.append(batch)
         t1 = time.perf_counter()
+        # Read before stepping: afterwards the scheduler already holds the next step's LR.
+        lr = float(engine.get_lr()[0])
         loss, terms, outputs = accumulate(engine, micro, objective, device, methods, inputs)
         objective.after_step(outputs)
-        yield StepRecord(loss, terms, t1 - t0, time.perf_counter() - t1, micro, outputs)
+        yield StepRecord(loss, terms, lr, t1 - t0, time.perf_counter() - t1, micro, outputs)

@@ -244,7 +244,7 @@ class StepRun:
                 "global_step": state.global_step,
                 "loss": rec.loss,
                 **{f"loss/{name}": v for name, v in rec.terms.items()},
-                "lr": float(self.engine.get_lr()[0]),
+                "lr": rec.lr,
                 "samples_per_s": self._steps_since * cfg.train.global_batch / (now - self._t_last),
                 "data_wait_s": rec.data_wait,
                 "compute_s": rec.compute,
