@@ -36,9 +36,13 @@ def check_free_space(ckpt_dir: Path, min_free_gb: float) -> None:
     free = shutil.disk_usage(ckpt_dir).free
     if free < need:
         raise CheckpointError(
-            f"{ckpt_dir}: {free / 2**30:.1f} GiB free, a checkpoint needs {need / 2**30:.1f} GiB "
-            "(checkpoint.min_free_gb sets the margin)"
+            f"{ckpt_dir}: {_amount(free)} free, a checkpoint needs {_amount(need)} "
+            "(the last one's size plus checkpoint.min_free_gb)"
         )
+
+
+def _amount(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 FULL_DISK_BYTES = 64 * 2**20

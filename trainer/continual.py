@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ class ContinualRun:
         self.dist = dist
         self.accum = accumulation_steps(cfg, dist.world_size)
         self.run_dir = RunDir.of(cfg)
+        # A launch on a live run is told so first, not about what the live run is writing.
+        self._on_rank0(RunLock(self.run_dir).check_free)
         self.shards = find_years(cfg.data.root, TRAIN, cfg.plan.years or None)
         sizes = {y: shards.samples for y, shards in self.shards.items()}
         self.plan = make_plan(cfg, sizes)
@@ -60,25 +63,35 @@ class ContinualRun:
         self.metrics = MetricsLog(self.run_dir.path, cfg, dist.is_main)
         self.stop = StopFlag()
 
+    def _on_rank0(self, check: Callable[[], None]) -> None:
+        """Run `check` on rank 0; a CheckpointError it raises is raised on every rank."""
+        refused = ""
+        if self.dist.is_main:
+            try:
+                check()
+            except CheckpointError as e:
+                refused = str(e)
+        refused = broadcast_object(refused)
+        if refused:
+            raise CheckpointError(refused)
+
     def _own_run_dir(self) -> RunLock:
         """The run folder, locked by this launch until it ends, with its config and plan written.
 
         Rank 0 does both; every rank learns whether it could (a folder in use, a run_dir that is
         a file or read-only).
         """
-        lock, refused = RunLock(self.run_dir), ""
-        if self.dist.is_main:
+        lock = RunLock(self.run_dir)
+
+        def own() -> None:
             try:
                 lock.acquire()
                 self.run_dir.write_header(self.cfg, self.plan.to_dict())
-            except CheckpointError as e:
-                refused = str(e)
             except OSError as e:
                 lock.release()
-                refused = f"{self.run_dir.path}: cannot write the run folder ({e.strerror or e})"
-        refused = broadcast_object(refused)
-        if refused:
-            raise CheckpointError(refused)
+                raise CheckpointError(f"{self.run_dir.path}: cannot write the run folder ({e.strerror or e})") from None
+
+        self._on_rank0(own)
         return lock
 
     def _resume_tag(self, resume: str) -> str | None:

@@ -121,19 +121,34 @@ class RunLock:
         self.path = run.path / LOCK
         self.file: IO[str] | None = None
 
+    def check_free(self) -> None:
+        """Refuse now if another launch holds the lock (a probe that creates nothing)."""
+        if not self.path.is_file():
+            return
+        with open(self.path) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise self._in_use(f) from None
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _in_use(self, f: IO[str]) -> CheckpointError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        return CheckpointError(
+            f"{self.path.parent}: in use by another launch ({holder}); wait for it to end or choose "
+            "another logging.name"
+        )
+
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
+            error = self._in_use(f)
             f.close()
-            raise CheckpointError(
-                f"{self.path.parent}: in use by another launch ({holder}); wait for it to end or choose "
-                "another logging.name"
-            ) from None
+            raise error from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
