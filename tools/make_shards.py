@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, help="resize to this size (synthetic default 32)")
     parser.add_argument("--resize-mode", choices=RESIZE_MODES, default="center_crop")
     parser.add_argument("--image-format", choices=IMAGE_FORMATS, default="keep", help="keep = input's jpg/png/webp")
+    parser.add_argument(
+        "--image-root",
+        metavar="DIR",
+        help="manifest: folder all local image paths must lie in, relative ones resolve against (default: its folder)",
+    )
     for column in ("image", "caption", "time", "uid", "class"):
         parser.add_argument(f"--{column}-col", help=f"manifest column for the {column} (auto-detected)")
     years_from = parser.add_mutually_exclusive_group()

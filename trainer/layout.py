@@ -14,3 +14,9 @@ TRAIN, EVAL = SPLITS
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 """Image members a reader accepts, in order of preference (make_shards writes jpg, png or webp)."""
 CAPTION, METADATA, CLASS = "txt", "json", "cls"
+MAX_IMAGE_PIXELS = 89_478_485
+"""The largest image (width x height) make_shards stores and a reader decodes: PIL's own
+decompression-bomb warning size. A larger one is refused from its header, never decoded."""
+MAX_MEMBER_BYTES = 512 * 2**20
+"""The largest tar member read into memory; a larger one is skipped unread. Above any image within
+MAX_IMAGE_PIXELS (4 bytes a pixel uncompressed is 358 MB), so it only ever stops junk."""

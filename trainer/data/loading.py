@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from torch.utils.data import DataLoader
@@ -12,7 +12,51 @@ from trainer.data.pipeline import StreamDataset, Transform, build_loader
 from trainer.data.rehearsal import RehearsalSampler, stream_count, streams_per_rank
 from trainer.data.shards import YearShards
 from trainer.distributed import DistInfo
+from trainer.errors import UserError
 from trainer.plan import YearStep, apportion
+
+
+class RankLoader:
+    """The rank's DataLoader, iterated so that an error in a worker ends the workers and reads as itself.
+
+    torch re-raises a worker's exception in the rank as the same type, its message grown by the
+    worker's traceback, and leaves the iterator in a reference cycle: its workers, which ignore
+    SIGTERM (build_loader), would keep the rank from exiting. So the iterator is shut down here
+    and a UserError keeps only its own one-line message.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        batches = iter(self.loader)
+        try:
+            yield from batches
+        except UserError as e:
+            message = worker_message(e)
+            if message == str(e):
+                raise
+            raise type(e)(message) from None
+        finally:
+            # A private method, but the one torch's own __del__ calls; absent without workers.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+
+def worker_message(error: BaseException) -> str:
+    """The message `error` was raised with in a DataLoader worker, without torch's traceback around it."""
+    text = str(error)
+    kind = type(error)
+    if text.startswith(f"Caught {kind.__name__} in DataLoader worker"):
+        # torch's message ends with the worker's traceback, whose last entry is "module.Type: message".
+        _, found, original = text.rpartition(f"\n{kind.__module__}.{kind.__qualname__}: ")
+        if found:
+            return original.strip()
+    return text
 
 
 class StepData:
@@ -23,7 +67,7 @@ class StepData:
     """
 
     def __init__(self, loader: DataLoader, dataset: StreamDataset, dist: DistInfo, workers: int) -> None:
-        self.loader, self.dataset, self.dist, self.workers = loader, dataset, dist, workers
+        self.loader, self.dataset, self.dist, self.workers = RankLoader(loader), dataset, dist, workers
         self.batches = 0
 
     def state_dict(self) -> dict[str, Any]:

@@ -4,13 +4,15 @@ Rank r runs max(workers, 1) DataLoader workers; worker w reads stream s = r x ma
 and yields whole micro-batches of consecutive draws. The DataLoader takes batches from its
 workers in turn, so the rank's t-th batch is worker (t % W)'s (t // W)-th batch.
 
-A corrupt draw is counted by reason ("missing": shard unreadable or shorter than its sizes say;
-"no_image", "no_caption", "bad_image", "bad_caption") and replaced by the stream's most recent
-good sample of the same year (before there is one, the next one; if the year has none left, the
-latest good sample of any year), so every stream still yields exactly its share and no rank
-waits forever in a collective. `bad` in each batch counts these events and "substituted" since
-the worker's previous batch; summing over batches gives totals. More than max_bad_frac corrupt
-draws in a stream, judged over at least MIN_SAMPLES draws, raise DataError.
+A corrupt draw is counted by reason ("missing": shard unreadable, also after retrying transient
+errors, or shorter than its sizes say; "no_image", "no_caption", "bad_image", "bad_caption",
+"image_too_large": over MAX_IMAGE_PIXELS, "member_too_large": over MAX_MEMBER_BYTES) and
+replaced by the stream's most recent good sample of the same year (before there is one, the next
+one; if the year has none left, the latest good sample of any year), so every stream still yields
+exactly its share and no rank waits forever in a collective. `bad` in each batch counts these
+events and "substituted" since the worker's previous batch; summing over batches gives totals.
+More than max_bad_frac corrupt draws in a stream, judged over at least MIN_SAMPLES draws, raise
+DataError.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import logging
 import random
 import signal
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping
 from itertools import islice
@@ -31,8 +34,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.data.order import stable_hash
 from trainer.data.rehearsal import Ref, RehearsalSampler, streams_per_rank
-from trainer.data.shards import DataError, iter_samples, open_shard
-from trainer.layout import IMAGE_EXTENSIONS
+from trainer.data.shards import RETRIES, DataError, iter_samples, open_shard, retry_delay, transient
+from trainer.layout import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +55,55 @@ class Item(NamedTuple):
 
 
 class _OpenShard:
-    """One shard read forward once, handing out the members asked for in increasing order."""
+    """One shard read forward once, handing out the members asked for in increasing order.
+
+    A transient error (a 500, SlowDown, a connection dropped mid-body) reopens the shard and reads
+    forward again to the member it was at, after a backoff, so no sample is lost or read twice;
+    after RETRIES such errors in a row without progress the shard ends there, like a truncated one,
+    and its remaining draws count as "missing".
+    """
 
     def __init__(self, url: str, shard: int) -> None:
         self.url, self.shard, self.next = url, shard, 0
         self.file: IO[bytes] | None = None
+        self.samples: Iterator[dict[str, Any]] | None = None
+        self.failures = 0  # transient errors since the last sample read
         try:
-            self.file = open_shard(url)
-            self.samples: Iterator[dict[str, Any]] | None = iter_samples(url, self.file)
-        except DataError as e:
-            log.warning("%s", e)
-            self.samples = None
+            self._start()
+        except Exception as e:  # noqa: BLE001 - retried if transient, else the shard is missing
+            self._retry(e)
+
+    def _start(self) -> None:
+        """Open the shard and read forward, undecoded, past the `self.next` members already handed out."""
+        # open_shard does no retries of its own here: one budget for opens and reads together.
+        self.file = open_shard(self.url, retries=0)
+        samples = iter_samples(self.url, self.file)
+        for _ in range(self.next):
+            next(samples)  # StopIteration: the shard is shorter than before; not transient
+        self.samples = samples
+
+    def _retry(self, error: BaseException) -> bool:
+        """After `error`: reopen and catch up (with backoff) while it is transient; False once given up."""
+        while self.failures < RETRIES and transient(_cause(error)):
+            self.failures += 1
+            self.close()
+            delay = retry_delay(self.failures)
+            log.warning(
+                "%s: %s after %d samples; reopening in %.1f s (retry %d of %d)",
+                self.url, error, self.next, delay, self.failures, RETRIES,
+            )  # fmt: skip
+            time.sleep(delay)
+            try:
+                self._start()
+                return True
+            except Exception as e:  # noqa: BLE001 - judged by `transient` on the next turn
+                error = e
+        self._give_up(error)
+        return False
+
+    def _give_up(self, error: BaseException) -> None:
+        log.warning("%s: unreadable after %d samples (%s)", self.url, self.next, error)
+        self.close()
 
     def get(self, member: int) -> dict[str, Any] | None:
         """Member `member` (skipping the ones before it undecoded), or None if it cannot be read."""
@@ -74,10 +115,11 @@ class _OpenShard:
                 self.close()
                 return None
             except Exception as e:  # noqa: BLE001 - any tar damage ends this shard, not the run
-                log.warning("%s: unreadable after %d samples (%s)", self.url, self.next, e)
-                self.close()
+                if self._retry(e):
+                    continue
                 return None
             self.next += 1
+            self.failures = 0
             if self.next > member:
                 return sample
         return None
@@ -85,8 +127,16 @@ class _OpenShard:
     def close(self) -> None:
         self.samples = None
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except Exception:  # noqa: BLE001 - a file whose connection has failed may fail to close too
+                pass
             self.file = None
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The error behind open_shard's DataError (which says which shard), else `error` itself."""
+    return error.__cause__ if isinstance(error, DataError) and error.__cause__ is not None else error
 
 
 class _Reader:
@@ -134,6 +184,8 @@ def decode(
     sample: dict[str, Any], preprocess: Transform, seed: int, views: Mapping[str, Transform] | None = None
 ) -> Item | str:
     """The preprocessed sample (and its extra `views`), or the reason it is unusable."""
+    if any(value is None for value in sample.values()):
+        return "member_too_large"  # iter_samples left a member over MAX_MEMBER_BYTES unread
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
         return "no_image"
@@ -145,7 +197,13 @@ def decode(
     except UnicodeDecodeError:
         return "bad_caption"
     try:
-        image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
+        with Image.open(io.BytesIO(sample[ext])) as opened:
+            # From the header alone: a decompression bomb is never decoded.
+            if opened.width * opened.height > MAX_IMAGE_PIXELS:
+                return "image_too_large"
+            image = opened.convert("RGB")
+    except Image.DecompressionBombError:  # PIL's own check in open(), at twice MAX_IMAGE_PIXELS
+        return "image_too_large"
     except Exception:  # noqa: BLE001 - PIL raises many types for damaged files
         return "bad_image"
     # Augmentation randomness depends on (seed, key[, view]) only: not on the worker, nor the

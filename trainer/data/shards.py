@@ -5,21 +5,41 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+import random
 import re
-from collections.abc import Iterator, Sequence
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, Any, overload
+from typing import IO, Any, TypeVar, overload
 
 import fsspec
 import numpy as np
 from braceexpand import braceexpand
 
 from trainer.errors import UserError
-from trainer.layout import SIZES, TRAIN
+from trainer.layout import MAX_MEMBER_BYTES, SIZES, TRAIN
 
 log = logging.getLogger(__name__)
 
 _STATS = re.compile(r"^(.*)_stats\.json$")
+_META = re.compile(r"__[^/]*__($|/)")  # members webdataset's tar reader leaves out
+
+# Transient read errors (a 500, SlowDown, a dropped connection) are retried this many times, the
+# first after RETRY_DELAY seconds, doubling up to RETRY_MAX_DELAY: about 15 s of outage survived
+# before a shard counts as missing. botocore and s3fs retry below this too; this is the layer that
+# also survives a connection dropped mid-shard, by reopening the shard where it was.
+RETRIES = 5
+RETRY_DELAY = 0.5
+RETRY_MAX_DELAY = 8.0
+# Errors that say the file is not there (or not ours): trying again cannot help.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Jitter from its own generator: thousands of workers hit by one outage should not retry in step,
+# and the process's RNGs (augmentation, order) must not move.
+_jitter = random.Random()
+
+T = TypeVar("T")
 
 
 class DataError(UserError, ValueError):
@@ -97,21 +117,80 @@ def filesystem(url: str) -> tuple[Any, str]:
         raise DataError(f"{url}: not a URL fsspec can open ({e})") from None
 
 
-def open_shard(url: str) -> IO[bytes]:
+def transient(error: BaseException) -> bool:
+    """Whether reading again may succeed: a network or server error, not a missing file or tar damage."""
+    if isinstance(error, _PERMANENT):
+        return False
+    # s3fs turns S3 error replies into OSError (500 -> EREMOTEIO, SlowDown -> EBUSY) but lets a body
+    # cut short through as aiohttp's ClientPayloadError. Such types are only checked when their
+    # library is loaded: an error of a library's type means the library was imported.
+    kinds: list[type[BaseException]] = [OSError]
+    if (aiohttp := sys.modules.get("aiohttp")) is not None:
+        kinds.append(aiohttp.ClientError)
+    if (boto := sys.modules.get("botocore.exceptions")) is not None:
+        # Connection refused or reset, timeouts, a stream cut short; not BotoCoreError as a whole,
+        # which also means missing credentials or a bad parameter.
+        kinds += [boto.HTTPClientError, boto.ConnectionError, boto.IncompleteReadError]
+        if isinstance(error, boto.ClientError):  # an error reply s3fs did not translate
+            reply = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            return reply >= 500 or error.response.get("Error", {}).get("Code") in ("SlowDown", "Throttling")
+    return isinstance(error, tuple(kinds))
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait before retry `attempt` (1, 2, ...): exponential, capped, with jitter."""
+    return min(RETRY_DELAY * 2 ** (attempt - 1), RETRY_MAX_DELAY) * _jitter.uniform(0.5, 1.0)
+
+
+def retrying(what: str, call: Callable[[], T], retries: int = RETRIES) -> T:
+    """`call()`, tried again after a transient error up to `retries` times; then its error is raised."""
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except Exception as e:
+            if attempt >= retries or not transient(e):
+                raise
+            attempt += 1
+            delay = retry_delay(attempt)
+            log.warning("%s: %s; retry %d of %d in %.1f s", what, e, attempt, retries, delay)
+            time.sleep(delay)
+
+
+def open_shard(url: str, retries: int = RETRIES) -> IO[bytes]:
     """Open a shard for reading through fsspec (webdataset's gopen knows no fsspec URLs)."""
     fs, path = filesystem(url)
     try:
-        return fs.open(path, "rb")
-    except (OSError, ValueError) as e:
-        raise DataError(f"{url}: cannot open shard ({e})") from None
+        return retrying(url, lambda: fs.open(path, "rb"), retries)
+    except Exception as e:
+        if isinstance(e, (OSError, ValueError)) or transient(e):  # transient: outlived the retries
+            raise DataError(f"{url}: cannot open shard ({e})") from e  # the cause says if it was transient
+        raise
 
 
 def iter_samples(url: str, stream: IO[bytes]) -> Iterator[dict[str, Any]]:
-    """The samples of an open tar shard in file order, grouped by key by webdataset."""
-    # Imported here because webdataset imports torch, which `DataError` users need not load.
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+    """The samples of an open tar shard in file order, grouped by key by webdataset.
 
-    return group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+    A member over MAX_MEMBER_BYTES is left unread and stands in its sample as None, which `decode`
+    counts as "member_too_large"; webdataset's own tar reader would read it into memory whole.
+    """
+    # Imported here because webdataset imports torch, which `DataError` users need not load.
+    from webdataset.tariterators import group_by_keys
+
+    return group_by_keys(_members(url, stream))
+
+
+def _members(url: str, stream: IO[bytes]) -> Iterator[dict[str, Any]]:
+    """webdataset's tar_file_expander for one shard, with each member's size checked before it is read."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if not info.isreg() or _META.match(info.name):
+                continue
+            # An unread member's bytes are skipped block by block when the stream moves on.
+            member = tar.extractfile(info) if info.size <= MAX_MEMBER_BYTES else None
+            yield {"fname": info.name, "data": member.read() if member is not None else None, "__url__": url}
+            # As webdataset does: a streamed shard need not keep every member header it has passed.
+            tar.members = []  # type: ignore[attr-defined]  # undocumented, so not in typeshed
 
 
 def count_samples(url: str) -> int:
@@ -133,10 +212,10 @@ def find_years(root: str, split: str = TRAIN, years: list[str] | None = None) ->
             raise DataError(f"{root}: a brace pattern has no year folders to pick {years} from")
         return {"all": _from_pattern(root)}
     fs, path = filesystem(root)
-    if not fs.isdir(path):
+    if not _retry_fs(fs, path, fs.isdir):
         raise DataError(f"{root}: no such folder")
     where = posixpath.join(path, split)
-    if fs.isdir(where):
+    if _retry_fs(fs, where, fs.isdir):
         found = _subfolders(fs, where)
         if not found:
             raise DataError(f"{_url(fs, where)}: no year folders")
@@ -156,9 +235,25 @@ def _subfolders(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, str]:
     """Name -> path of the folders directly inside `path`."""
     return {
         posixpath.basename(e["name"].rstrip("/")): e["name"]
-        for e in fs.ls(path, detail=True)
+        for e in _retry_fs(fs, path, lambda p: fs.ls(p, detail=True))
         if e["type"] == "directory"
     }
+
+
+def _names(fs: fsspec.AbstractFileSystem, path: str) -> set[str]:
+    """The file names in folder `path`."""
+    return {posixpath.basename(p) for p in _retry_fs(fs, path, lambda p: fs.ls(p, detail=False))}
+
+
+def _retry_fs(fs: fsspec.AbstractFileSystem, path: str, call: Callable[[str], T]) -> T:
+    """`call(path)` (a listing, a small read) retried on transient errors; one outliving them is a DataError."""
+    url = _url(fs, path)
+    try:
+        return retrying(url, lambda: call(path))
+    except Exception as e:
+        if transient(e):
+            raise DataError(f"{url}: still failing after {RETRIES} retries ({e})") from None
+        raise
 
 
 def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -173,10 +268,14 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 def _read_sizes(fs: fsspec.AbstractFileSystem, path: str) -> tuple[list[str], np.ndarray] | None:
     """A sizes.json's shard file names (sorted) and sample counts, or None when there is none."""
-    if not fs.isfile(path):
-        return None
+    # Read, not `isfile` first: fsspec's isfile answers False for any error, so a transient 500
+    # would silently turn into "no sizes.json" and a read of every shard.
     try:
-        sizes = json.loads(fs.cat_file(path))
+        sizes = json.loads(_retry_fs(fs, path, fs.cat_file))
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    except DataError:
+        raise
     except (OSError, ValueError) as e:
         raise DataError(f"{_url(fs, path)}: broken sizes file ({e})") from None
     want = f'{_url(fs, path)}: broken sizes file (want {{"000000.tar": samples, ...}})'
@@ -202,7 +301,7 @@ def _from_folder(fs: fsspec.AbstractFileSystem, path: str) -> YearShards:
         if not listed[0]:
             raise DataError(f"{prefix}{SIZES}: lists no shards")
         return YearShards(prefix, *listed)
-    files = {posixpath.basename(p) for p in fs.ls(path, detail=False)}
+    files = _names(fs, path)
     names = sorted(f for f in files if f.endswith(".tar"))
     if not names:
         raise DataError(f"{prefix}: no .tar shards")
@@ -215,7 +314,9 @@ def _size_without_sizes_json(fs: fsspec.AbstractFileSystem, path: str, prefix: s
     stats = name[: -len(".tar")] + "_stats.json"
     if stats in files:
         try:
-            return int(json.loads(fs.cat_file(posixpath.join(path, stats)))["successes"])
+            return int(json.loads(_retry_fs(fs, posixpath.join(path, stats), fs.cat_file))["successes"])
+        except DataError:
+            raise
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{prefix}{stats}: broken img2dataset stats ({e})") from None
     log.warning("%s%s: no %s or stats file, counting samples by reading the shard", prefix, name, SIZES)
@@ -238,9 +339,9 @@ def _from_pattern(pattern: str) -> YearShards:
             sizes[i] = by_folder[folder][name]
             continue
         if folder not in listing:
-            if not fs.isdir(path):
+            if not _retry_fs(fs, path, fs.isdir):
                 raise DataError(f"{pattern}: no such folder {folder}")
-            listing[folder] = {posixpath.basename(p) for p in fs.ls(path, detail=False)}
+            listing[folder] = _names(fs, path)
         if name not in listing[folder]:
             raise DataError(f"{url}: no such shard (from pattern {pattern})")
         sizes[i] = _size_without_sizes_json(fs, path, folder + "/", name, listing[folder])

@@ -8,12 +8,18 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from trainer.layout import MAX_IMAGE_PIXELS
+
 PIL_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 ENCODERS = {"jpg": ("JPEG", {"quality": 95}), "png": ("PNG", {}), "webp": ("WEBP", {"quality": 95})}
 
 
 class BadImage(ValueError):
     """The bytes are not a complete, decodable image."""
+
+
+class ImageTooLarge(BadImage):
+    """The image has more than MAX_IMAGE_PIXELS pixels: a decompression bomb, refused undecoded."""
 
 
 @dataclass(frozen=True)
@@ -44,11 +50,15 @@ def _resize(image: Image.Image, size: int, mode: str) -> Image.Image:
 
 
 def prepare_image(data: bytes, options: ImageOptions) -> tuple[bytes, str]:
-    """Decode every pixel of `data` (raising BadImage), then return (bytes, extension) to store."""
+    """Decode every pixel of `data` (raising BadImage, or ImageTooLarge before decoding a bomb), then return
+    (bytes, extension) to store."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on EXIF oddities that do not stop decoding
             with Image.open(io.BytesIO(data)) as image:
+                # From the header alone: a bomb's pixels are never decoded.
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise ImageTooLarge(f"{image.width}x{image.height} pixels, more than {MAX_IMAGE_PIXELS}")
                 if options.size is not None and image.format == "JPEG":
                     # DCT-domain downscale: still reads every coded byte, so truncation is still caught.
                     image.draft("RGB", (options.size, options.size))
@@ -58,6 +68,10 @@ def prepare_image(data: bytes, options: ImageOptions) -> tuple[bytes, str]:
                 if options.size is None and target == source:
                     return data, source
                 pixels = image.convert("RGB")
+    except ImageTooLarge:
+        raise
+    except Image.DecompressionBombError as error:  # PIL's own check in open(), at twice MAX_IMAGE_PIXELS
+        raise ImageTooLarge(str(error)) from error
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, struct.error... for bad files
         raise BadImage(str(error) or type(error).__name__) from error
     if options.size is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 import tarfile
 from collections.abc import Iterator
@@ -13,8 +14,8 @@ from typing import Any
 
 import fsspec
 
-from trainer.layout import EVAL, IMAGE_EXTENSIONS, TRAIN
-from trainer.prep.images import BadImage, ImageOptions, prepare_image
+from trainer.layout import EVAL, IMAGE_EXTENSIONS, MAX_MEMBER_BYTES, TRAIN
+from trainer.prep.images import BadImage, ImageOptions, ImageTooLarge, prepare_image
 from trainer.prep.manifests import parse_when
 from trainer.prep.options import PrepError
 from trainer.prep.records import UnitItem, eval_draw, make_sample
@@ -42,6 +43,33 @@ def _when(value: Any) -> tuple[int, str | None]:
         return -1, None
 
 
+_LOCAL = (None, "file", "local")
+
+
+def resolve_image(ref: str, root: str) -> str | None:
+    """Where image `ref` of a manifest is read from, or None when it points outside `root`.
+
+    A relative path resolves against `root` (the manifest's folder or --image-root); a local path,
+    absolute or relative, must stay inside it after normalising `..` (symlinks inside are the
+    user's own and followed). A remote URL cannot name a local file and is read as given.
+    """
+    if "::" in ref:
+        return None  # a chained URL (simplecache::file://...) can wrap any local file
+    # Only "scheme://" makes a URL (as _read_image reads it): "data:x" is a file name here.
+    protocol, path = fsspec.core.split_protocol(ref) if "://" in ref else (None, ref)
+    if protocol not in _LOCAL:
+        return ref
+    root_protocol, root_path = fsspec.core.split_protocol(root)
+    if protocol is None and not path.startswith("/"):
+        path = posixpath.join(root_path, path)
+    elif root_protocol not in _LOCAL:
+        return None  # a local file named by a remote manifest
+    path = posixpath.normpath(path)
+    if not path.startswith(root_path.rstrip("/") + "/"):
+        return None
+    return path if root_protocol in _LOCAL else f"{root_protocol}://{path}"
+
+
 def _read_image(ref: str) -> bytes | None:
     try:
         if "://" in ref:
@@ -55,16 +83,17 @@ def _read_image(ref: str) -> bytes | None:
 
 @dataclass(frozen=True)
 class ManifestUnit:
-    """A run of consecutive manifest rows: (image ref, caption, time, uid, class) each."""
+    """A run of consecutive manifest rows: (image ref, caption, time, uid, class) each, or a row's skip reason."""
 
-    rows: tuple[tuple[Any, ...] | None, ...]
+    rows: tuple[tuple[Any, ...] | str, ...]
     base: str
+    """The image root: relative image paths resolve against it, and no local path may leave it."""
     routing: Routing
     image: ImageOptions
 
     def items(self) -> Iterator[UnitItem]:
         """Validate each row in order: timestamp, year filter, caption, class, then a full image decode."""
-        return (self._item(row) if row is not None else "bad_row" for row in self.rows)
+        return (row if isinstance(row, str) else self._item(row) for row in self.rows)
 
     def _item(self, row: tuple[Any, ...]) -> UnitItem:
         ref, caption, when, uid, cls = row
@@ -81,9 +110,10 @@ class ManifestUnit:
             return "bad_class"
         if not isinstance(ref, str) or not ref:
             return "missing_image"
-        checked = _checked_image(
-            _read_image(ref if "://" in ref or ref.startswith("/") else f"{self.base}/{ref}"), self.image
-        )
+        where = resolve_image(ref, self.base)
+        if where is None:
+            return "image_outside_root"
+        checked = _checked_image(_read_image(where), self.image)
         if isinstance(checked, str):
             return checked
         image, ext = checked
@@ -98,6 +128,8 @@ def _checked_image(data: bytes | None, options: ImageOptions) -> tuple[bytes, st
         return "missing_image"
     try:
         return prepare_image(data, options)
+    except ImageTooLarge:
+        return "image_too_large"
     except BadImage:
         return "corrupt_image"
 
@@ -108,18 +140,20 @@ def _uid_index(path: str) -> UidYearIndex:
     return UidYearIndex(path)
 
 
-def _group(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
-    key, members = "", dict[str, bytes]()
+def _group(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+    """(key, {ext: bytes}) per sample; a member over MAX_MEMBER_BYTES is None, left unread."""
+    key, members = "", dict[str, bytes | None]()
     for info in tar:
         match = _MEMBER.match(info.name) if info.isfile() else None
-        member = tar.extractfile(info) if match is not None else None
-        if match is None or member is None:
+        if match is None:
             continue
+        # Checked before reading: a stream tar skips an unread member's bytes block by block.
+        member = tar.extractfile(info) if info.size <= MAX_MEMBER_BYTES else None
         if match.group(1) != key and members:
             yield key, members
             members = {}
         key = match.group(1)
-        members[match.group(2).lower()] = member.read()
+        members[match.group(2).lower()] = member.read() if member is not None else None
     if members:
         yield key, members
 
@@ -142,7 +176,12 @@ class ShardUnit:
         except (tarfile.TarError, OSError, EOFError) as error:
             raise PrepError(f"--shards {self.url}: unreadable shard ({error}); re-download or remove it") from error
 
-    def _item(self, key: str, members: dict[str, bytes]) -> UnitItem:
+    def _item(self, key: str, members: dict[str, bytes | None]) -> UnitItem:
+        if any(data is None for data in members.values()):
+            return "member_too_large"
+        return self._read(key, {ext: data for ext, data in members.items() if data is not None})
+
+    def _read(self, key: str, members: dict[str, bytes]) -> UnitItem:
         try:
             meta = json.loads(members["json"]) if "json" in members else {}
         except ValueError:

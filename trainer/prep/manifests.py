@@ -22,6 +22,9 @@ MANIFEST_KINDS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "j
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_BATCH = 65_536
+MAX_CSV_FIELD = 16 * 2**20
+"""Longest CSV/TSV field read: a caption of any real length; a longer one is a runaway quote or junk."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def parse_when(value: Any) -> tuple[int, str | None]:
@@ -72,7 +75,25 @@ def manifest_base(url: str) -> str:
 
 
 def _open_text(url: str):
-    return fsspec.open(url, "rt", encoding="utf-8", newline="", compression="infer")
+    # utf-8-sig: a BOM (Excel writes one) would otherwise become part of the first column's name.
+    # surrogateescape: a stray non-UTF-8 byte spoils only its row (see _undecodable), not the file.
+    return fsspec.open(url, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="", compression="infer")
+
+
+def _csv_reader(file: Any, kind: str) -> Iterator[list[str]]:
+    # The limit is the csv module's global setting; its 128 KiB default is short for some captions.
+    csv.field_size_limit(MAX_CSV_FIELD)
+    return csv.reader(file, delimiter="\t" if kind == "tsv" else ",")
+
+
+def _undecodable(value: Any) -> bool:
+    """True for text holding bytes that were not UTF-8 (surrogateescape keeps them as lone surrogates)."""
+    return isinstance(value, str) and _SURROGATE.search(value) is not None
+
+
+def _checked(row: tuple[Any, ...]) -> tuple[Any, ...] | str:
+    # Only the columns make_shards reads: a bad byte in a column it ignores does not spoil the row.
+    return "bad_encoding" if any(_undecodable(value) for value in row) else row
 
 
 def manifest_columns(url: str) -> list[str]:
@@ -87,16 +108,21 @@ def manifest_columns(url: str) -> list[str]:
         with _open_text(url) as file:
             if kind == "jsonl":
                 first = next((line for line in file if line.strip()), None)
-                return list(json.loads(first)) if first else []
-            return next(csv.reader(file, delimiter="\t" if kind == "tsv" else ","), [])
+                columns = list(json.loads(first)) if first else []
+            else:
+                columns = next(_csv_reader(file, kind), [])
     except FileNotFoundError as error:
         raise PrepError(f"--manifest {url}: no such file") from error
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, csv.Error) as error:
         raise PrepError(f"--manifest {url}: cannot read it as {kind}: {error}") from error
+    if any(_undecodable(c) for c in columns):
+        raise PrepError(f"--manifest {url}: the header is not UTF-8 text; save the file as UTF-8")
+    return columns
 
 
-def iter_manifest(url: str, columns: list[str | None]) -> Iterator[tuple[Any, ...] | None]:
-    """Rows as tuples of the given columns (None for a column not asked for); None for an unparseable line."""
+def iter_manifest(url: str, columns: list[str | None]) -> Iterator[tuple[Any, ...] | str]:
+    """Rows as tuples of the given columns (None for a column not asked for), or the reason a row is unusable:
+    bad_row (unparseable), field_too_large (a CSV field over MAX_CSV_FIELD), bad_encoding (not UTF-8)."""
     kind = manifest_kind(url)
     if kind == "parquet":
         import pyarrow.parquet as pq
@@ -116,18 +142,29 @@ def iter_manifest(url: str, columns: list[str | None]) -> Iterator[tuple[Any, ..
                 try:
                     record = json.loads(line)
                 except ValueError:
-                    yield None
+                    yield "bad_row"
                     continue
-                yield tuple(record.get(c) if c else None for c in columns) if isinstance(record, dict) else None
+                if not isinstance(record, dict):
+                    yield "bad_row"
+                    continue
+                yield _checked(tuple(record.get(c) if c else None for c in columns))
             return
-        reader = csv.reader(file, delimiter="\t" if kind == "tsv" else ",")
+        reader = _csv_reader(file, kind)
         header = next(reader)
         where = [header.index(c) if c else None for c in columns]
-        for row in reader:
-            if len(row) != len(header):
-                yield None
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as error:
+                # The reader goes on at the next line; only this row is lost.
+                yield "field_too_large" if "field limit" in str(error) else "bad_row"
                 continue
-            yield tuple(row[i] if i is not None else None for i in where)
+            if len(row) != len(header):
+                yield "bad_row"
+                continue
+            yield _checked(tuple(row[i] if i is not None else None for i in where))
 
 
 def pick_column(

@@ -47,6 +47,9 @@ class PrepOptions:
     """center_crop: shorter side to size then crop; border: longer side to size then pad; keep_ratio: shorter side."""
     image_format: str = "keep"
     """Image encoding in the shards; keep = the input's own jpg/png/webp bytes (PNG for synthetic)."""
+    image_root: str | None = None
+    """Manifest: the folder every local image path must lie in, and relative ones resolve against
+    (default: the manifest's folder). Paths leaving it are skipped as image_outside_root."""
     image_col: str | None = None
     """Manifest column with the image path or URL (default: first of image, path, filepath, file, url)."""
     caption_col: str | None = None
@@ -119,6 +122,7 @@ class PrepOptions:
             runtime |= {
                 "eval_frac",
                 "image_col",
+                "image_root",
                 "caption_col",
                 "time_col",
                 "uid_col",
@@ -134,6 +138,9 @@ class PrepOptions:
         else:
             runtime |= {"samples_per_year", "eval_samples"}
         chosen = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in runtime}
+        if chosen.get("image_root") is None:
+            # Recorded only when given, so outputs made before the option existed still match.
+            chosen.pop("image_root", None)
         chosen.update(resolved)
         chosen["years"] = self.year_list()
         return chosen

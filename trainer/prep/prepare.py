@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import signal
 import sys
 import tempfile
@@ -90,12 +91,22 @@ def _plan_manifest(options: PrepOptions, routing: Routing, image: ImageOptions) 
         "class_col": pick_column(columns, options.class_col, (), "class", "--class-col", where, required=False),
     }
 
+    root = _image_root(options.image_root) if options.image_root else manifest_base(url)
+
     def units(_: str) -> Iterator[Unit]:
         rows = iter_manifest(url, list(picked.values()))
         while batch := tuple(row for _, row in zip(range(UNIT_ROWS), rows)):
-            yield ManifestUnit(batch, manifest_base(url), routing, image)
+            yield ManifestUnit(batch, root, routing, image)
 
     return JobPlan(units, None, {"kind": "manifest", "input": url}, picked, _class_extras(options))
+
+
+def _image_root(given: str) -> str:
+    """--image-root as the absolute folder (or URL) image paths are checked against."""
+    fs, path = fsspec.core.url_to_fs(given)
+    if not fs.isdir(path):
+        raise PrepError(f"--image-root {given}: no such folder")
+    return given.rstrip("/") if "://" in given else os.path.abspath(given)
 
 
 def _plan_shards(options: PrepOptions, routing: Routing, image: ImageOptions) -> JobPlan:

@@ -18,6 +18,11 @@ BAD_REASONS = (
     "missing_year",
     "bad_row",
     "bad_class",
+    "bad_encoding",
+    "field_too_large",
+    "image_outside_root",
+    "image_too_large",
+    "member_too_large",
 )
 FILTER_REASONS = ("uid_not_listed", "year_not_selected")
 
