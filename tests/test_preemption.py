@@ -48,7 +48,11 @@ def _logged_steps(run: Path) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_sigterm_to_the_whole_process_group_saves_and_exits_0(tmp_path: Path, tiny_model_json: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.reliability)])
+def test_a_stop_signal_to_the_whole_process_group_saves_and_exits_0(
+    tmp_path: Path, tiny_model_json: Path, sig: signal.Signals
+) -> None:
+    """SIGTERM as SLURM sends it; SIGINT as Ctrl-C in a terminal sends it, to the foreground group."""
     root, runs = tmp_path / "data", tmp_path / "runs"
     write_year(root, "2014", n=48, per_shard=16)
     log = open(tmp_path / "run.log", "w")
@@ -64,8 +68,9 @@ def test_sigterm_to_the_whole_process_group_saves_and_exits_0(tmp_path: Path, ti
     while max(_logged_steps(runs / "pre"), default=0) < 3:
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "run.log").read_text()[-3000:]
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGTERM)  # what SLURM's --signal=TERM does: every process, workers included
+    os.killpg(proc.pid, sig)  # what SLURM's --signal=TERM does: every process, workers included
     assert proc.wait(timeout=120) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    assert f"train: stopped by {sig.name} after saving step-" in (tmp_path / "run.log").read_text()
     saved = [p.name for p in (runs / "pre" / "checkpoints").iterdir() if (p / "COMPLETE").exists()]
     assert len(saved) == 1 and saved[0].startswith("step-"), saved
     resumed = subprocess.run(

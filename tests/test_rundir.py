@@ -65,6 +65,7 @@ def test_a_second_launch_on_a_run_in_use_exits_2_and_writes_nothing(tmp_path: Pa
     assert sorted(p.name for p in (runs / "busy").iterdir()) == [".lock"]
 
 
+@pytest.mark.reliability  # the 2-rank version runs in tests/test_reliability.py too
 @pytest.mark.timeout(300)
 def test_relaunching_a_finished_run_without_resume_is_refused_and_touches_nothing(tmp_path: Path, tiny_model_json):
     root, runs = tmp_path / "data", tmp_path / "runs"
@@ -121,6 +122,7 @@ def _launch(root: Path, runs: Path, model: Path, *extra: str) -> subprocess.Comp
     )
 
 
+@pytest.mark.reliability  # the 2-rank version runs in tests/test_reliability.py too
 @pytest.mark.timeout(200)
 def test_a_run_dir_that_is_a_file_or_read_only_is_one_line_exit_2(tmp_path: Path, tiny_model_json: Path) -> None:
     root = tmp_path / "data"

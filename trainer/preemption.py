@@ -1,4 +1,4 @@
-"""SIGTERM (SLURM preemption) remembered until the loop reaches a step it can save at."""
+"""SIGTERM (SLURM preemption) or Ctrl-C remembered until the loop reaches a step it can save at."""
 
 from __future__ import annotations
 
@@ -11,18 +11,26 @@ from trainer.distributed import all_reduce_sum
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint was saved and the run should exit 0."""
+    """SIGTERM or SIGINT arrived; a checkpoint was saved and the run should exit 0."""
 
 
 class StopFlag:
-    """Set by SIGTERM; `agreed()` tells every rank at once, so all stop at the same step."""
+    """Set by SIGTERM or a first SIGINT; `agreed()` tells every rank at once, so all stop at the same step.
+
+    A second SIGINT interrupts at once, as Ctrl-C does elsewhere: whoever presses it twice would
+    rather lose the steps since the last checkpoint than wait for the next one.
+    """
 
     def __init__(self) -> None:
         self.raised = False
+        self.name = "SIGTERM"
         signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.raised = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.raised, self.name = True, signal.Signals(signum).name
 
     def agreed(self) -> bool:
         """True when any rank was signalled: ranks must stop at the same step or they hang."""

@@ -268,7 +268,8 @@ class StepRun:
         if stopping or (every and state.opt_step % every == 0):
             self._save(step_tag(state.global_step), year_complete=False)
         if stopping:
-            raise Preempted(f"stopped by SIGTERM after saving {step_tag(state.global_step)}")
+            by = self.p.stop.name if self.p.stop.raised else "another rank's stop signal"
+            raise Preempted(f"stopped by {by} after saving {step_tag(state.global_step)}")
 
     def _keys_file(self) -> IO[str]:
         folder = self.p.run.keys

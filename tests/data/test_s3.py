@@ -154,6 +154,7 @@ def _files(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, bytes]:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.reliability  # a whole make_shards run to S3 and to a folder: 12-18 s
 def test_make_shards_writes_the_same_bytes_to_s3_as_to_a_folder(s3, tmp_path):
     out = f"{BUCKET}/{uuid.uuid4().hex[:8]}"
     args = ["--synthetic", "--years", "2014-2015", "--samples-per-year", "40", "--eval-samples", "8"]
