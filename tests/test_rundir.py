@@ -32,73 +32,6 @@ def test_second_lock_is_refused_until_the_first_is_released(tmp_path: Path) -> N
     second.release()
 
 
-@pytest.mark.timeout(200)
-def test_a_second_launch_on_a_run_in_use_exits_2_and_writes_nothing(tmp_path: Path, tiny_model_json: Path) -> None:
-    root, runs = tmp_path / "data", tmp_path / "runs"
-    write_year(root, "2014", n=16, per_shard=8)
-    lock = RunLock(RunDir(runs / "busy"))
-    lock.acquire()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "launch" / "train.py"),
-            "--config",
-            str(REPO / "configs" / "demo.yaml"),
-            f"data.root={root}",
-            f"model.name={tiny_model_json}",
-            f"logging.run_dir={runs}",
-            "logging.name=busy",
-            "train.global_batch=8",
-            "train.micro_batch=8",
-            "data.workers=0",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=180,
-        env=clean_env(),
-    )
-    lock.release()
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("train: error:")]
-    assert len(lines) == 1 and "in use by another launch" in lines[0], proc.stderr[-2000:]
-    assert sorted(p.name for p in (runs / "busy").iterdir()) == [".lock"]
-
-
-@pytest.mark.reliability  # the 2-rank version runs in tests/test_reliability.py too
-@pytest.mark.timeout(300)
-def test_relaunching_a_finished_run_without_resume_is_refused_and_touches_nothing(tmp_path: Path, tiny_model_json):
-    root, runs = tmp_path / "data", tmp_path / "runs"
-    write_year(root, "2014", n=16, per_shard=8)
-    cmd = [
-        sys.executable,
-        str(REPO / "launch" / "train.py"),
-        "--config",
-        str(REPO / "configs" / "demo.yaml"),
-        f"data.root={root}",
-        f"model.name={tiny_model_json}",
-        f"logging.run_dir={runs}",
-        "logging.name=done",
-        "train.global_batch=8",
-        "train.micro_batch=8",
-        "train.samples=16",
-        "data.workers=0",
-        "logging.progress=false",
-    ]
-    first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=200, env=clean_env())
-    assert first.returncode == 0, first.stderr[-2000:]
-    run = runs / "done"
-    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
-    again = subprocess.run(
-        [*cmd, "optim.lr=1e-3"], capture_output=True, text=True, cwd=REPO, timeout=200, env=clean_env()
-    )
-    assert again.returncode == 2, again.stderr[-2000:]
-    lines = [line for line in again.stderr.splitlines() if line.startswith("train: error:")]
-    assert len(lines) == 1 and "already has year-2014" in lines[0] and "--resume auto" in lines[0], again.stderr
-    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
-    assert after == before
-
-
 def _launch(root: Path, runs: Path, model: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
@@ -120,6 +53,38 @@ def _launch(root: Path, runs: Path, model: Path, *extra: str) -> subprocess.Comp
         timeout=180,
         env=clean_env(),
     )
+
+
+@pytest.mark.timeout(200)
+def test_a_second_launch_on_a_run_in_use_exits_2_and_writes_nothing(tmp_path: Path, tiny_model_json: Path) -> None:
+    root, runs = tmp_path / "data", tmp_path / "runs"
+    write_year(root, "2014", n=16, per_shard=8)
+    lock = RunLock(RunDir(runs / "busy"))
+    lock.acquire()
+    proc = _launch(root, runs, tiny_model_json, "logging.name=busy")
+    lock.release()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("train: error:")]
+    assert len(lines) == 1 and "in use by another launch" in lines[0], proc.stderr[-2000:]
+    assert sorted(p.name for p in (runs / "busy").iterdir()) == [".lock"]
+
+
+@pytest.mark.reliability  # the 2-rank version runs in tests/test_reliability.py too
+@pytest.mark.timeout(300)
+def test_relaunching_a_finished_run_without_resume_is_refused_and_touches_nothing(tmp_path: Path, tiny_model_json):
+    root, runs = tmp_path / "data", tmp_path / "runs"
+    write_year(root, "2014", n=16, per_shard=8)
+    settings = ["logging.name=done", "train.samples=16", "logging.progress=false"]
+    first = _launch(root, runs, tiny_model_json, *settings)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run = runs / "done"
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    again = _launch(root, runs, tiny_model_json, *settings, "optim.lr=1e-3")
+    assert again.returncode == 2, again.stderr[-2000:]
+    lines = [line for line in again.stderr.splitlines() if line.startswith("train: error:")]
+    assert len(lines) == 1 and "already has year-2014" in lines[0] and "--resume auto" in lines[0], again.stderr
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before
 
 
 @pytest.mark.reliability  # the 2-rank version runs in tests/test_reliability.py too

@@ -48,11 +48,12 @@ def train_main(argv: list[str] | None = None) -> int:
         try:
             ContinualRun(cfg, dist, resume=args.resume, start_from=args.start_from, years=args.years).run()
         except Preempted as e:
-            print(f"train: {e}", file=sys.stderr)
+            # One write per line: every rank says it, into one shared log.
+            sys.stderr.write(f"train: {e}\n")
         finally:
             shutdown()
         return 0
     except UserError as e:
         if _is_rank0():
-            print(f"train: error: {e}", file=sys.stderr)
+            sys.stderr.write(f"train: error: {e}\n")
         return 2
