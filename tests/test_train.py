@@ -190,6 +190,7 @@ def test_stopped_after_step_5_and_resumed_gives_the_same_losses(runs: dict[str, 
     assert _keys(resumed)[6] == _keys(runs["one"])[6]
 
 
+@pytest.mark.reliability  # a fault injected into a whole run: make reliability
 @pytest.mark.timeout(900)
 def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(runs: dict[str, Path]) -> None:
     """2 ranks killed with SIGKILL (whole process group) mid-run, resumed: same losses, same weights."""
