@@ -5,7 +5,7 @@ same weights), or the fault is one line on stderr, exit 2, and nothing touched.
 Every run here trains 2 years of unequal size (96 and 48 samples, cumulative-all) on 2 CPU ranks
 with 2 DataLoader workers each, through the deepspeed launcher, with `PauseInSave` as objective
 (CLIP itself; it only adds the pause that lets a test kill a rank mid-save). Random steps come
-from a seed printed with each case (RELIABILITY_SEED=... reruns it).
+from a seed named in every failure message (RELIABILITY_SEED=... reruns it).
 """
 
 from __future__ import annotations
@@ -164,7 +164,6 @@ def setup(tmp_path_factory, tiny_model_json: Path) -> dict[str, Path]:
     write_year(root, "2014", n=96, per_shard=16)
     write_year(root, "2015", n=48, per_shard=24)
     _ok(_deepspeed(_settings(root, runs, tiny_model_json, "reference")), base / "reference.log")
-    print(f"RELIABILITY_SEED={SEED}")
     return {"base": base, "root": root, "runs": runs, "model": tiny_model_json, "reference": runs / "reference"}
 
 
