@@ -164,6 +164,46 @@ def test_feature_cache_accumulation_equals_the_full_batch(dist, tiny_model_json:
     assert abs(separate_losses[0] - full_losses[0]) > 1e-2
 
 
+def _boundary_gradients(dist, tiny_model_json: Path, micro: int, mode: str) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient as DeepSpeed (ZeRO-0) holds it when it takes the optimizer step."""
+    cfg = _cfg(
+        tiny_model_json,
+        "train.global_batch=8",
+        f"train.micro_batch={micro}",
+        f"train.accumulation={mode}",
+        "deepspeed.zero_stage=0",
+    )
+    torch.manual_seed(0)
+    model = create_model(cfg.model)[0]
+    model.output_dict = True
+    engine = build_engine(model, cfg, dist, accum_steps=8 // micro, total_steps=1, warmup=0)
+    grads: dict[str, torch.Tensor] = {}
+    take_step = engine.step
+
+    def step() -> None:
+        if engine.is_gradient_accumulation_boundary():
+            grads.update({n: p.grad.detach().clone() for n, p in engine.module.named_parameters()})
+        take_step()
+
+    engine.step = step
+    g = torch.Generator().manual_seed(3)
+    image, text = torch.randn(8, 3, 32, 32, generator=g), torch.randint(1, 400, (8, 16), generator=g)
+    batches = [{"image": image[i : i + micro], "text": text[i : i + micro]} for i in range(0, 8, micro)]
+    step_fn = accumulate_features if mode == "features" else accumulate_gradients
+    step_fn(engine, batches, build_objective(cfg, dist), torch.device("cpu"))
+    return grads
+
+
+@pytest.mark.timeout(240)
+def test_feature_cache_gradients_equal_the_full_batch_logit_scale_included(dist, tiny_model_json: Path) -> None:
+    """Compared before Adam, which is blind to a gradient's scale: 4 x 2 cached = one batch of 8."""
+    full = _boundary_gradients(dist, tiny_model_json, micro=8, mode="gradients")
+    cached = _boundary_gradients(dist, tiny_model_json, micro=2, mode="features")
+    assert full.keys() == cached.keys() and "logit_scale" in full
+    for name in full:
+        torch.testing.assert_close(cached[name], full[name], atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("stage", [0, 2])
 def test_bf16_engine_trains_on_fp32_batches(dist, tiny_model_json: Path, stage: int) -> None:

@@ -102,7 +102,9 @@ def accumulate_features(
     A no-grad pass caches every micro-batch's per-sample outputs; then each micro-batch is
     re-encoded with gradients and the full-batch loss is backpropagated through its rows only.
     The per-pass gradients sum to the gradient of the full-batch loss, so they are not divided by
-    the accumulation count; a method's per-micro-batch terms are, to stay means over the step.
+    the accumulation count; a method's per-micro-batch terms are, to stay means over the step. An
+    output shared by the whole batch (logit_scale) is in every pass's loss: each pass gives it
+    1/passes of its gradient (`_share`).
     """
     # Both passes read the same device copies: one host-to-device transfer per micro-batch, for
     # holding the step's inputs on the device (small next to one micro-batch's activations).
@@ -117,7 +119,7 @@ def accumulate_features(
         full = {
             k: torch.cat([out[k] if i == j else c[k] for i, c in enumerate(cached)])
             if k in objective.sample_outputs
-            else v
+            else _share(v, len(inputs))
             for k, v in out.items()
         }
         loss, named = _total(objective, methods, full, x, out, 1.0 / len(inputs))
@@ -125,6 +127,15 @@ def accumulate_features(
         engine.step()
         terms.append(named)
     return loss.item(), _means(terms), out
+
+
+def _share(value: Any, passes: int) -> Any:
+    """`value` unchanged, with 1/passes of its gradient: a shared output (logit_scale) enters the
+    full-batch loss of every pass, so only together do the passes give it its one gradient."""
+    if not isinstance(value, torch.Tensor) or not value.requires_grad or passes == 1:
+        return value
+    # x.detach() + (x - x.detach()) / n is exactly x, and carries 1/n of x's gradient.
+    return value.detach() + (value - value.detach()) / passes
 
 
 def optimizer_steps(
