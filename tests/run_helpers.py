@@ -11,6 +11,22 @@ import torch
 
 from trainer.weights.consolidate import load_weights
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def demo_args(root: Path | str, runs: Path, model: Path, name: str, *extra: str) -> list[str]:
+    """launch/train.py arguments for a test run: configs/demo.yaml on the test's data, model and run folder."""
+    return [
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        f"data.root={root}",
+        f"model.name={model}",
+        f"logging.run_dir={runs}",
+        f"logging.name={name}",
+        "logging.progress=false",
+        *extra,
+    ]
+
 
 def records(run: Path, kind: str = "train") -> list[dict]:
     """The run's metrics.jsonl lines of `kind`, in order (a resumed run has redone steps twice)."""

@@ -22,6 +22,7 @@ import torch
 from tests.conftest import write_year
 from tests.data.test_pipeline import build, planned, run, write_root
 from tests.dist_helpers import clean_env, deepspeed_train
+from tests.run_helpers import demo_args, records
 from tests.s3_server import BUCKET, Fault, LocalS3, local_s3
 from trainer.data import shards
 from trainer.data.pipeline import _OpenShard
@@ -168,13 +169,11 @@ def test_make_shards_writes_the_same_bytes_to_s3_as_to_a_folder(s3, tmp_path):
 
 
 def _train_args(root: str, runs: Path, model: Path, name: str) -> list[str]:
-    return [
-        "--config",
-        str(REPO / "configs" / "demo.yaml"),
-        f"data.root={root}",
-        f"model.name={model}",
-        f"logging.run_dir={runs}",
-        f"logging.name={name}",
+    return demo_args(
+        root,
+        runs,
+        model,
+        name,
         "train.global_batch=8",
         "train.micro_batch=4",
         "train.samples=48",
@@ -184,13 +183,11 @@ def _train_args(root: str, runs: Path, model: Path, name: str) -> list[str]:
         "optim.warmup_steps=1",
         "eval.enabled=false",
         "logging.every_steps=1",
-        "logging.progress=false",
-    ]
+    )
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["global_step"], r["loss"]) for r in rows if r["kind"] == "train"]
+    return [(r["global_step"], r["loss"]) for r in records(run)]
 
 
 @pytest.mark.reliability
