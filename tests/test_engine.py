@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from deepspeed.utils import safe_get_full_fp32_param
 
 from trainer.config import load_config
 from trainer.distributed import init_distributed
-from trainer.engine import build_engine, deepspeed_config, lr_factor, param_groups
+from trainer.engine import build_engine, clamp_logit_scale, deepspeed_config, logit_scale_bound, lr_factor, param_groups
 from trainer.loop import accumulate_features, accumulate_gradients
 from trainer.model import create_model
 from trainer.objectives import build_objective
@@ -117,11 +118,17 @@ def test_zero_dim_logit_scale_trains_on_every_stage_with_clipping(dist, tiny_mod
     assert engine.module.state_dict()["logit_scale"].shape == torch.Size([]) or stage == 3
 
 
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("stage", [2, 3])
-def test_logit_scale_cap_holds_under_zero(dist, tiny_model_json: Path, stage: int) -> None:
-    """The raw parameter is driven past log(100); the loss never sees a scale above 100."""
-    cfg = _cfg(tiny_model_json, f"deepspeed.zero_stage={stage}", "optim.lr=0.02", "optim.weight_decay=0")
+def _capped_run(dist, tiny_model_json: Path, stage: int, precision: str) -> tuple[list[float], list[float], float]:
+    """Six steps with the raw parameter pushed past ln(100): scales seen by the loss, the
+    gradients reaching logit_scale, and the parameter the engine holds afterwards."""
+    cfg = _cfg(
+        tiny_model_json,
+        f"deepspeed.zero_stage={stage}",
+        f"model.precision={precision}",
+        "optim.lr=0.02",
+        "optim.weight_decay=0",
+        "optim.schedule=const",
+    )
     torch.manual_seed(0)
     model = create_model(cfg.model)[0]
     model.output_dict = True
@@ -129,11 +136,49 @@ def test_logit_scale_cap_holds_under_zero(dist, tiny_model_json: Path, stage: in
         model.logit_scale.fill_(math.log(100.0) - 0.05)
     engine = build_engine(model, cfg, dist, accum_steps=1, total_steps=6, warmup=0)
     loss_fn = ContrastiveLoss(0, 1, max_logit_scale=100.0)
-    scales = _train(engine, 6, loss_fn, push_scale=True)
-    assert max(scales) <= 100.0 + 1e-4
-    assert scales[-1] == pytest.approx(100.0, abs=1e-3)
-    out = engine(image=torch.randn(4, 3, 32, 32), text=torch.randint(1, 400, (4, 16)))
-    assert out["logit_scale"].item() > 100.5  # the parameter itself did move past the cap
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(4, 3, 32, 32, generator=g), torch.randint(1, 400, (4, 16), generator=g)
+    scales, grads = [], []
+    for _ in range(6):
+        out = engine(image=image, text=text)
+        scale = out["logit_scale"]
+        scale.retain_grad()
+        capped = loss_fn.scale(scale)
+        # The contrastive loss plus a term that always asks for a larger scale.
+        loss = loss_fn(out["image_features"], out["text_features"], scale) - capped
+        engine.backward(loss)
+        grads.append(float(scale.grad.float().sum()))
+        engine.step()
+        clamp_logit_scale(engine, 100.0)
+        scales.append(capped.item())
+    param = safe_get_full_fp32_param(engine.module.logit_scale)
+    held = param if param is not None else engine.module.logit_scale.detach()
+    return scales, grads, float(held.float().reshape(()))
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    ("stage", "precision"), [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16"), (2, "bf16")]
+)
+def test_logit_scale_is_clamped_like_open_clip_under_every_stage(
+    dist, tiny_model_json: Path, stage: int, precision: str
+) -> None:
+    """The parameter stays at ln(100) (rounded up to its dtype), the loss sees exactly 100 at the
+    cap, and the gradient still reaches the parameter there (a clamp after exp would give 0)."""
+    scales, grads, param = _capped_run(dist, tiny_model_json, stage, precision)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert param <= logit_scale_bound(100.0, dtype) + 1e-6
+    assert param >= math.log(100.0) - 1e-6  # pushed up all the time: it sits at the cap
+    assert max(scales) <= 100.0 + 1e-4 and scales[-1] == pytest.approx(100.0, abs=1e-3)
+    assert all(g < 0 for g in grads[2:]), grads  # at the cap, the loss still asks for more
+
+
+def test_logit_scale_bound_reaches_the_cap_in_every_dtype() -> None:
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        bound = logit_scale_bound(100.0, dtype)
+        assert torch.tensor(bound).to(dtype).float() == bound
+        assert bound >= math.log(100.0) and math.exp(bound) < 103.0
+    assert logit_scale_bound(100.0, torch.bfloat16) == 4.625
 
 
 def _accumulation_run(dist, tiny_model_json: Path, micro: int, mode: str) -> tuple[list[float], dict]:

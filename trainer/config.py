@@ -64,7 +64,7 @@ class TrainConfig:
     gather_with_grad: bool = True
     """Gather features with gradients (exact full-batch gradients)."""
     max_logit_scale: float = 100.0
-    """Cap on exp(logit_scale), applied in the loss so it holds under any ZeRO stage."""
+    """Cap on exp(logit_scale): the parameter is clamped to ln(cap) after every step, as open_clip_train does."""
 
 
 @dataclass(kw_only=True)

@@ -142,3 +142,38 @@ def build_engine(
         dist_init_required=False,
     )
     return engine
+
+
+def logit_scale_bound(max_scale: float, dtype: torch.dtype) -> float:
+    """The cap on the log-space parameter: ln(max_scale), rounded up to a value `dtype` holds.
+
+    In bf16, ln(100) lies between 4.594 and 4.625 (scales 98.86 and 102.0): rounding up lets the
+    scale reach the cap, and the loss (objectives/clip.py) takes min(scale, max_scale) from there.
+    """
+    exact = math.log(max_scale)
+    held = torch.tensor(exact).to(dtype)
+    if held.double() < exact:
+        held = torch.nextafter(held, torch.tensor(math.inf, dtype=dtype))
+    return float(held)
+
+
+@torch.no_grad()
+def clamp_logit_scale(engine: Any, max_scale: float) -> None:
+    """open_clip_train's clamp of logit_scale to [0, ln(max_scale)] after an optimizer step, on every copy.
+
+    Under ZeRO 1-3 and DeepSpeed's bf16 optimizer the parameter that steps is an fp32 master copy
+    held by the optimizer, written back over the module's after each step, so it is the one
+    clamped (every rank calls this: reading it is a collective). The module's own copy (the
+    local partition under ZeRO-3) is clamped too, so the next forward already sees the cap.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    param = getattr(engine.module, "logit_scale", None)
+    if not isinstance(param, nn.Parameter):
+        return
+    own: torch.Tensor = getattr(param, "ds_tensor", param.data)
+    high = logit_scale_bound(max_scale, own.dtype)
+    master = safe_get_full_fp32_param(param)
+    if master is not None:
+        safe_set_full_fp32_param(param, master.clamp(0.0, high))
+    own.clamp_(0.0, high)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from trainer.engine import clamp_logit_scale
 from trainer.methods.base import Method
 from trainer.objectives.base import Objective, Outputs
 
@@ -147,8 +148,12 @@ def optimizer_steps(
     mode: str,
     device: torch.device,
     inputs: Sequence[str] = ("image", "text"),
+    max_logit_scale: float | None = None,
 ) -> Iterator[StepRecord]:
-    """Run optimizer steps until `batches` ends, yielding one record per step; `inputs` go to the device."""
+    """Run optimizer steps until `batches` ends, yielding one record per step; `inputs` go to the device.
+
+    With `max_logit_scale`, logit_scale is clamped to [0, ln(max_logit_scale)] after every step.
+    """
     accumulate = accumulate_features if mode == "features" else accumulate_gradients
     while True:
         t0 = time.perf_counter()
@@ -162,5 +167,7 @@ def optimizer_steps(
         # Read before stepping: afterwards the scheduler already holds the next step's LR.
         lr = float(engine.get_lr()[0])
         loss, terms, outputs = accumulate(engine, micro, objective, device, methods, inputs)
+        if max_logit_scale is not None:
+            clamp_logit_scale(engine, max_logit_scale)
         objective.after_step(outputs)
         yield StepRecord(loss, terms, lr, t1 - t0, time.perf_counter() - t1, micro, outputs)

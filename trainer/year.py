@@ -186,6 +186,7 @@ class StepRun:
             cfg.train.accumulation,
             p.dist.device,
             self.inputs,
+            cfg.train.max_logit_scale,
         )
         rec: StepRecord | None = None
         try:

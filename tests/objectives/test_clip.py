@@ -66,13 +66,18 @@ def _check(tmp_path: Path, local_loss: bool) -> None:
     assert torch.allclose(gt, ref_gt, atol=1e-6)
 
 
-def test_logit_scale_is_capped_with_zero_gradient_above_the_cap() -> None:
+def test_logit_scale_is_capped_with_the_gradient_at_the_cap() -> None:
+    """Above the cap the loss sees 100 and the parameter gets the gradient the loss has at 100,
+    so a parameter clamped a bf16 step above ln(100) is still pulled back by the loss."""
     loss_fn = ContrastiveLoss(0, 1, max_logit_scale=100.0)
     raw = torch.tensor([math.log(150.0)], requires_grad=True)
     assert loss_fn.scale(raw.exp()).item() == pytest.approx(100.0)
     img, txt = _batch()
     loss_fn(img, txt, raw.exp()).backward()
-    assert raw.grad.abs().item() == 0.0
+    at_cap = torch.tensor([100.0], requires_grad=True)
+    loss_fn(img, txt, at_cap).backward()
+    assert at_cap.grad.abs().item() > 0
+    assert raw.grad.item() == pytest.approx(at_cap.grad.item() * 150.0, rel=1e-5)
     below = torch.tensor([math.log(50.0)], requires_grad=True)
     assert loss_fn.scale(below.exp()).item() == pytest.approx(50.0)
     loss_fn(img, txt, below.exp()).backward()

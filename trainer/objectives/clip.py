@@ -16,9 +16,10 @@ from trainer.objectives.base import LossOutput, Objective, Outputs
 class ContrastiveLoss:
     """InfoNCE over the batch gathered from every rank (open_clip's ClipLoss does the gathering).
 
-    The cap on exp(logit_scale) is applied to the value used in the loss, not by clamping the
-    parameter in place: under ZeRO the optimizer's fp32 master copy is written back after every
-    step and would silently undo an in-place clamp.
+    The cap on exp(logit_scale) is open_clip_train's: the parameter is clamped to ln(cap) after
+    every optimizer step (engine.clamp_logit_scale, on the optimizer's master copy under ZeRO). The
+    loss also takes min(scale, cap), with the gradient of the scale itself: a bf16 parameter at
+    its clamp reads 102.0 for a cap of 100, and must still get the gradient that moves it back.
     """
 
     def __init__(
@@ -39,13 +40,9 @@ class ContrastiveLoss:
         )
 
     def scale(self, logit_scale: torch.Tensor) -> torch.Tensor:
-        """The capped scale; `logit_scale` is open_clip's forward output, exp(parameter).
-
-        Clamping after exp is the same cap as clamping the log-space parameter, with zero
-        gradient above the cap, and it needs the parameter only inside the model's forward,
-        where ZeRO-3 has gathered it.
-        """
-        return logit_scale.clamp(max=self.max_scale).reshape(())
+        """min(`logit_scale`, cap) in fp32 with `logit_scale`'s own gradient (open_clip's exp(parameter))."""
+        value = logit_scale.float().reshape(())
+        return value + (value.clamp(max=self.max_scale) - value).detach()
 
     def __call__(
         self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
