@@ -10,7 +10,16 @@ import pytest
 
 from tests.dist_helpers import clean_env
 from trainer.cli import train_main
-from trainer.config import Config, ConfigError, accumulation_steps, config_from_dict, load_config, validate
+from trainer.config import (
+    Config,
+    ConfigError,
+    accumulation_steps,
+    config_from_dict,
+    contrastive_batch,
+    contrastive_warning,
+    load_config,
+    validate,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -166,3 +175,13 @@ def test_readme_config_reference_lists_every_setting() -> None:
 def test_numbers_must_be_finite_and_in_range(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["data.root=/x", override])
+
+
+def test_contrastive_batch_is_the_global_batch_only_under_feature_accumulation() -> None:
+    cfg = load_config(REPO / "configs" / "tic_xlarge.yaml", ["train.accumulation=gradients"])
+    assert contrastive_batch(cfg, 8) == 2048 and contrastive_batch(cfg, 352) == 90112
+    warning = contrastive_warning(cfg, 8)
+    assert warning is not None and "contrastive batch 2048 (micro-batch 256 x 8 ranks)" in warning
+    assert contrastive_warning(cfg, 352) is None
+    cfg = load_config(REPO / "configs" / "tic_xlarge.yaml")
+    assert contrastive_batch(cfg, 8) == 90112 and contrastive_warning(cfg, 8) is None

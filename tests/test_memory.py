@@ -207,3 +207,22 @@ def test_memory_cli_missing_config_exit_2(tmp_path: Path, capsys: pytest.Capture
     assert _plan_cli().main(["--config", str(tmp_path / "nope.yaml"), "--memory"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("plan: error: --config: no such file"), err
+
+
+def test_presets_keep_tics_contrastive_batch_and_gradient_accumulation_is_warned(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    plan = _plan_cli()
+    assert plan.main(["--all-presets", "--memory", "--gpus-per-node", "8", "--nodes", "1"]) == 0
+    out = capsys.readouterr().out
+    found = re.findall(r"global batch (\d+) = .*; contrastive batch (\d+) \(features accumulation\)", out)
+    assert len(found) == 4 and all(g == c for g, c in found), out
+    assert "warning" not in out
+    config = str(REPO / "configs" / "tic_medium.yaml")
+    assert plan.main(["--config", config, "--memory", "train.accumulation=gradients"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].endswith("contrastive batch 2048 (gradients accumulation)")
+    assert out[2].startswith("warning: train.accumulation=gradients: contrastive batch 2048 (micro-batch 256 x 8")
+    # Enough GPUs for the global batch in one micro-batch each: nothing to warn about.
+    assert plan.main(["--config", config, "--memory", "--nodes", "2", "train.accumulation=gradients"]) == 0
+    assert "warning" not in capsys.readouterr().out

@@ -131,3 +131,32 @@ def test_plan_cli_compare_json(tmp_path: Path) -> None:
     out = json.loads(proc.stdout)
     ratios = {r["strategy"]: r["cost_vs_restart"] for r in out["summary"]}
     assert ratios["restart"] == 1.0 and ratios["cumulative-all"] == pytest.approx(1 / 4)
+
+
+@pytest.mark.timeout(120)
+def test_plan_cli_on_an_unreachable_preset_root_assumes_sizes_and_warns_of_a_small_contrastive_batch(
+    tmp_path: Path,
+) -> None:
+    """The presets point at s3://your-bucket: without credentials the plan is still made, from
+    assumed year sizes, and gradient accumulation's smaller contrastive batch is warned of."""
+    env = clean_env()
+    for var in [v for v in env if v.startswith("AWS_")]:
+        env.pop(var)
+    env.update(
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    cmd = [sys.executable, str(REPO / "tools" / "plan.py"), "--config", str(REPO / "configs" / "tic_medium.yaml")]
+    runs = [
+        subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=110, env=env)
+        for extra in ([], ["train.accumulation=gradients"])
+    ]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr
+        assert "data not readable here: every year assumed to hold" in proc.stdout
+    assert "warning" not in runs[0].stdout
+    assert (
+        "- warning: train.accumulation=gradients: on fewer than 16 GPUs the contrastive batch is micro-batch x GPUs"
+        in runs[1].stdout
+    )

@@ -321,6 +321,34 @@ def accumulation_steps(cfg: Config, world_size: int) -> int:
     return cfg.train.global_batch // (cfg.train.micro_batch * world_size)
 
 
+def contrastive_batch(cfg: Config, world_size: int) -> int:
+    """The negatives each sample is contrasted with: the global batch under feature-cache
+    accumulation, one micro-batch per rank (micro x world) under gradient accumulation."""
+    t = cfg.train
+    return t.global_batch if t.accumulation == "features" else min(t.global_batch, t.micro_batch * world_size)
+
+
+def contrastive_warning(cfg: Config, world_size: int | None) -> str | None:
+    """A warning when gradient accumulation shrinks the contrastive batch below the global batch
+    (on `world_size` ranks; None: on any cluster smaller than global batch / micro-batch)."""
+    t = cfg.train
+    if t.accumulation == "features":
+        return None
+    fits = t.global_batch // t.micro_batch
+    if world_size is None:
+        return (
+            f"train.accumulation=gradients: on fewer than {fits} GPUs the contrastive batch is micro-batch x "
+            f"GPUs, not the global batch {t.global_batch}; train.accumulation=features keeps it"
+        )
+    if contrastive_batch(cfg, world_size) >= t.global_batch:
+        return None
+    return (
+        f"train.accumulation=gradients: contrastive batch {contrastive_batch(cfg, world_size)} "
+        f"(micro-batch {t.micro_batch} x {world_size} ranks), not the global batch {t.global_batch}; "
+        "train.accumulation=features keeps it"
+    )
+
+
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML (atomically)."""
     write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

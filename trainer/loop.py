@@ -154,7 +154,8 @@ def optimizer_steps(
 
     With `max_logit_scale`, logit_scale is clamped to [0, ln(max_logit_scale)] after every step.
     """
-    accumulate = accumulate_features if mode == "features" else accumulate_gradients
+    # With one micro-batch a step the feature cache is plain training plus a wasted forward.
+    accumulate = accumulate_features if mode == "features" and accum_steps > 1 else accumulate_gradients
     while True:
         t0 = time.perf_counter()
         micro: list[dict[str, Any]] = []

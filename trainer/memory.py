@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-from trainer.config import Config, ModelConfig
+from trainer.config import Config, ModelConfig, contrastive_batch, contrastive_warning
 from trainer.engine import resolve_precision
 from trainer.model import ModelError, create_model, model_config
 
@@ -285,6 +285,9 @@ def memory_report(cfg: Config, gpus_per_node: int, nodes: int, gpu_mem_gib: floa
         "global_batch": cfg.train.global_batch,
         # None: the trainer refuses this cluster size (global batch not a multiple of micro x world).
         "accumulation": cfg.train.global_batch // per_step if cfg.train.global_batch % per_step == 0 else None,
+        "accumulation_mode": cfg.train.accumulation,
+        "contrastive_batch": contrastive_batch(cfg, world),
+        "contrastive_warning": contrastive_warning(cfg, world),
         "gpu_mem_gib": gpu_mem_gib,
         "zero_stage": ds.zero_stage,
         "config_offload": offload,

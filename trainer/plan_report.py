@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, cast
 
-from trainer.config import Config, Strategy
+from trainer.config import Config, Strategy, contrastive_warning
 from trainer.plan import Plan, make_plan
 
 STRATEGIES = ["sequential", "cumulative-all", "cumulative-exp", "cumulative-equal", "replay", "restart"]
@@ -68,6 +68,9 @@ def assumptions(cfg: Config, sizes: Mapping[str, int], flops: int, assumed_sizes
         "- warm-start cumulative over T steps with a fixed budget costs T budgets; restart costs "
         "T(T+1)/2, so the saving is (T+1)/2x",
     ]
+    warning = contrastive_warning(cfg, None)
+    if warning:
+        notes.append(f"- warning: {warning}")
     if assumed_sizes:
         notes.append(
             "- data not readable here: every year assumed to hold "
@@ -94,6 +97,9 @@ def memory_table(report: Mapping[str, Any]) -> str:
             f"note: global batch {r['global_batch']} is not a multiple of micro-batch x GPUs = "
             f"{r['micro_batch']} x {r['world']}; the trainer refuses this cluster size"
         )
+    batches += f"; contrastive batch {r['contrastive_batch']} ({r['accumulation_mode']} accumulation)"
+    if r["contrastive_warning"]:
+        batches += f"\nwarning: {r['contrastive_warning']}"
     lines = [
         f"{label}{r['model']}, {_human(r['params'])} params (largest layer {_human(r['largest_layer_params'])}), "
         f"{r['precision']}, micro-batch {r['micro_batch']}, {r['gpus_per_node']} GPUs x {r['nodes']} nodes "

@@ -15,7 +15,7 @@ from typing import IO, Any
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer.config import Config
+from trainer.config import Config, contrastive_batch, contrastive_warning
 from trainer.data.loading import step_data
 from trainer.data.shards import YearShards
 from trainer.distributed import DistInfo, sum_counts
@@ -159,10 +159,11 @@ class StepRun:
     def _train(self) -> StepRecord:
         p, step, state = self.p, self.step, self.state
         cfg = p.cfg
-        contrastive = (
-            cfg.train.micro_batch * p.dist.world_size * (p.accum if cfg.train.accumulation == "features" else 1)
-        )
+        contrastive = contrastive_batch(cfg, p.dist.world_size)
         self.contrastive = contrastive
+        warning = contrastive_warning(cfg, p.dist.world_size)
+        if warning:
+            log.warning("%s", warning)
         log.info(
             "step %d (%s): %d optimizer steps of %d samples, years %s; contrastive batch %d (%s accumulation x%d)",
             step.index,

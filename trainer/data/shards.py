@@ -250,10 +250,19 @@ def _retry_fs(fs: fsspec.AbstractFileSystem, path: str, call: Callable[[str], T]
     url = _url(fs, path)
     try:
         return retrying(url, lambda: call(path))
+    except PermissionError as e:
+        raise DataError(f"{url}: access denied ({e})") from None
     except Exception as e:
         if transient(e):
             raise DataError(f"{url}: still failing after {RETRIES} retries ({e})") from None
+        if _no_credentials(e):
+            raise DataError(f"{url}: no credentials for this store ({e})") from None
         raise
+
+
+def _no_credentials(e: BaseException) -> bool:
+    """botocore's missing or partial credentials errors (s3fs raises them as they are)."""
+    return type(e).__module__.startswith("botocore") and "Credentials" in type(e).__name__
 
 
 def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
