@@ -7,7 +7,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config, ConfigError, accumulation_steps
 from trainer.data.pipeline import StreamDataset, Transform, build_loader
 from trainer.data.rehearsal import RehearsalSampler, stream_count, streams_per_rank
 from trainer.data.shards import YearShards
@@ -79,11 +79,11 @@ class StepData:
         self.dataset.check_sampler()
 
     def cursors(self) -> dict[str, int]:
-        """Per-year read positions after the consumed batches, where the next plan step reads on."""
+        """Per year, its cursor plus the samples drawn in the consumed batches: where the next plan step reads on."""
         return self.dataset.sampler.cursors(self.batches * self.dataset.micro_batch * self.dist.world_size)
 
     def at_stream_boundary(self) -> bool:
-        """Every worker stream has delivered the same count, so the state is plain per-year cursors."""
+        """Every worker stream has delivered the same count: the sampler's state is a point of its segment."""
         return self.batches % streams_per_rank(self.workers) == 0
 
 
@@ -120,6 +120,8 @@ def step_data(
         lanes=cfg.data.lanes,
         step=step.index,
         start=start,
+        micro=cfg.train.micro_batch,
+        accum=accumulation_steps(cfg, dist.world_size),
     )
     dataset = StreamDataset(
         sampler,
