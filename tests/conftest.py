@@ -26,6 +26,15 @@ TINY_MODEL = {
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
 
 
+@pytest.fixture(autouse=True)
+def _restore_linear():
+    """DeepSpeed's ZeRO-3 engine replaces torch.nn.functional.linear for the whole process (its
+    memory-efficient linear); a test that builds one in-process must not change later tests' math."""
+    linear = torch.nn.functional.linear
+    yield
+    torch.nn.functional.linear = linear
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip every `gpu`-marked test on a machine without CUDA, so plain `pytest` stays CPU-only."""
     if torch.cuda.is_available():

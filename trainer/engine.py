@@ -163,17 +163,30 @@ def clamp_logit_scale(engine: Any, max_scale: float) -> None:
 
     Under ZeRO 1-3 and DeepSpeed's bf16 optimizer the parameter that steps is an fp32 master copy
     held by the optimizer, written back over the module's after each step, so it is the one
-    clamped (every rank calls this: reading it is a collective). The module's own copy (the
-    local partition under ZeRO-3) is clamped too, so the next forward already sees the cap.
+    clamped (every rank calls this: reading a full ZeRO 1-2 parameter is a collective). Under
+    ZeRO-3 each rank clamps its own slice, master and module copy: the clamp is elementwise, and
+    DeepSpeed's full-parameter setter fails on a rank whose slice of a 1-element parameter is empty.
     """
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,
+        safe_get_local_fp32_param,
+        safe_set_full_fp32_param,
+        safe_set_local_fp32_param,
+    )
 
     param = getattr(engine.module, "logit_scale", None)
     if not isinstance(param, nn.Parameter):
         return
-    own: torch.Tensor = getattr(param, "ds_tensor", param.data)
-    high = logit_scale_bound(max_scale, own.dtype)
+    if hasattr(param, "ds_id"):
+        own: torch.Tensor = param.ds_tensor  # type: ignore[attr-defined]
+        high = logit_scale_bound(max_scale, own.dtype)
+        local = safe_get_local_fp32_param(param)
+        if local is not None and local.numel():
+            safe_set_local_fp32_param(param, local.clamp(0.0, high))
+        own.clamp_(0.0, high)
+        return
+    high = logit_scale_bound(max_scale, param.dtype)
     master = safe_get_full_fp32_param(param)
     if master is not None:
         safe_set_full_fp32_param(param, master.clamp(0.0, high))
-    own.clamp_(0.0, high)
+    param.data.clamp_(0.0, high)
