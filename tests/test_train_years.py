@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import write_year
 from tests.dist_helpers import clean_env, free_port
 from tests.run_helpers import demo_args, losses, wait_for_step, weights_equal
+from trainer.data.shards import find_years
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -155,3 +156,28 @@ def test_two_rank_checkpoint_mid_year_resumes_on_one_rank_with_exactly_the_unsee
         for y, n in _year_counts(keys).items():
             # The re-split's remainders go to the streams' last draws (trainer/data/rehearsal.py).
             assert abs(n - SIZES[y] * GLOBAL / total) < (2 if step < 2 * STEPS else 4), (step, keys)
+
+
+def test_cumulative_exp_trains_on_exactly_the_hash_chosen_buffers(years_run: dict[str, Path]) -> None:
+    """The second plan step draws 2014 from a replay buffer: the keys it trains on are
+    those of the buffers' samples of smallest hash, chosen from the shard sizes alone."""
+    train = str(REPO / "launch" / "train.py")
+    args = _settings(years_run["root"], years_run["runs"], years_run["model"], "exp", 8)
+    _run(
+        [sys.executable, train, *args, "plan.strategy=cumulative-exp", "data.workers=1"], years_run["base"] / "exp.log"
+    )
+    run = years_run["runs"] / "exp"
+    step = json.loads((run / "plan.json").read_text())["steps"][1]
+    assert step["buffered"] == ["2014"]  # D = 144: 72 of 2014 (96), all of 2015 (48 < 72)
+    years = find_years(str(years_run["root"]), years=["2014", "2015"])
+    keys = _keys(run)
+    trained = {k for s in range(STEPS + 1, 2 * STEPS + 1) for k in keys[s][0]}
+    for y in step["buffered"]:
+        buffer = years[y].subset(step["pool"][y], 0, y)
+        want = {
+            f"{y}{int(buffer.names[i][:6]) * 12 + buffer.member(i, k):07d}"
+            for i in range(len(buffer))
+            for k in range(int(buffer.sizes[i]))
+        }
+        got = {k for k in trained if k.startswith(y)}
+        assert got <= want and len(got) == min(step["quotas"][y], len(want))

@@ -166,6 +166,8 @@ class PlanConfig:
     """Replay buffer size for buffer-limited strategies (0 = the new year's size)."""
     buffer_split: Literal["exp", "equal"] = "exp"
     """How `replay` divides its buffer over old years."""
+    buffer_select: Literal["samples", "shards"] = "samples"
+    """What a buffer is made of: the samples of smallest hash (spread over the year) or whole shards."""
     restart_budget: Literal["grow", "same"] = "grow"
     """restart: budget x steps so far (grow) or the step budget (same)."""
 

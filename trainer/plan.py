@@ -23,7 +23,7 @@ class YearStep:
     pool: dict[str, int]
     """Samples available per year: the whole year, or its replay-buffer subset size."""
     buffered: list[str]
-    """Years drawn from a fixed subset (the first pool[y] samples of its canonical order)."""
+    """Years drawn from a fixed replay buffer of pool[y] samples (YearShards.subset)."""
     quotas: dict[str, int]
     """Samples this step draws from each year (sum = samples)."""
     samples: int

@@ -107,7 +107,12 @@ def step_data(
         )
     # Every stream draws whole samples, so a year's quota is exact when it is a multiple of S.
     quotas = apportion(step.samples, step.quotas, multiple=streams)
-    pools = {y: shards[y].subset(step.pool[y], cfg.train.seed, y) if y in step.buffered else shards[y] for y in quotas}
+    pools = {
+        y: shards[y].subset(step.pool[y], cfg.train.seed, y, cfg.plan.buffer_select)
+        if y in step.buffered
+        else shards[y]
+        for y in quotas
+    }
     if start is not None:
         # A buffer is its own small order, read from its start; whole years read on.
         start = {y: c for y, c in start.items() if y not in step.buffered}

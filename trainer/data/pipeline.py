@@ -148,14 +148,15 @@ class _Reader:
 
     def get(self, ref: Ref) -> tuple[dict[str, Any] | None, str]:
         key = (ref.year, ref.pass_index, ref.lane)
+        member = self.sampler.member(ref)
         cur = self.open.get(key)
-        if cur is None or cur.shard != ref.shard or cur.next > ref.member:
+        if cur is None or cur.shard != ref.shard or cur.next > member:
             if cur is not None:
                 cur.close()
             for old in [k for k in self.open if k[0] == ref.year and k[1] < ref.pass_index]:
                 self.open.pop(old).close()
             cur = self.open[key] = _OpenShard(self.sampler.url(ref), ref.shard)
-        return cur.get(ref.member), cur.url
+        return cur.get(member), cur.url
 
     def close(self) -> None:
         for cur in self.open.values():

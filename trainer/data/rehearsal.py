@@ -282,6 +282,10 @@ class RehearsalSampler:
         """The URL of the shard a draw reads."""
         return self.years[ref.year].url(ref.shard)
 
+    def member(self, ref: Ref) -> int:
+        """The member of its shard a draw reads, in file order (a buffer holds only some)."""
+        return self.years[ref.year].member(ref.shard, ref.member)
+
     def _done(self, consumed: int) -> int:
         seg = self.segment
         done, rest = divmod(consumed - seg.offset, seg.streams)

@@ -18,6 +18,7 @@ import fsspec
 import numpy as np
 from braceexpand import braceexpand
 
+from trainer.data.buffers import Pick, choose, shard_keys
 from trainer.errors import UserError
 from trainer.layout import MAX_MEMBER_BYTES, SIZES, TRAIN
 
@@ -57,10 +58,24 @@ class YearShards(Sequence[Shard]):
 
     # Parallel arrays instead of Shard objects: TiC-DataComp has ~1.3M shards, and a million
     # frozen dataclasses cost seconds and hundreds of MB on every rank.
-    def __init__(self, prefix: str, names: list[str], sizes: np.ndarray) -> None:
+    def __init__(self, prefix: str, names: list[str], sizes: np.ndarray, pick: Pick | None = None) -> None:
         self.prefix = prefix
         self.names = names
         self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.pick = pick
+        self._members: dict[int, np.ndarray] = {}
+
+    def member(self, index: int, k: int) -> int:
+        """The file-order member index of the k-th sample of shard `index` (a buffer holds only some)."""
+        if self.pick is None:
+            return k
+        members = self._members.get(index)
+        if members is None:
+            # A stream reads a few shards of a year at once (its lanes, passes): keep theirs.
+            if len(self._members) >= 64:
+                del self._members[next(iter(self._members))]
+            members = self._members[index] = self.pick.members(index)
+        return int(members[k])
 
     def url(self, index: int) -> str:
         """The URL of shard `index`."""
@@ -86,24 +101,34 @@ class YearShards(Sequence[Shard]):
     def __repr__(self) -> str:
         return f"YearShards({self.prefix!r}, {len(self)} shards, {self.samples} samples)"
 
-    def subset(self, samples: int, seed: int, year: str) -> YearShards:
-        """A fixed replay buffer of exactly `samples`: whole shards in a seeded order, the last cut short.
+    def subset(self, samples: int, seed: int, year: str, by: str = "samples") -> YearShards:
+        """A fixed replay buffer of exactly `samples`, nested: a smaller one lies inside a larger one.
 
-        The shard order depends on (seed, year) only, so a smaller buffer of a later step is a
-        subset of an earlier one, as TiC-CLIP's shrinking buffers are. A shard cut short keeps its
-        first members: the reader addresses members below the size it is given.
+        by="samples": the samples with the smallest hashes (trainer/data/buffers.py), spread over
+        every shard; reading them reads their shards whole, so a buffer of a fraction f of the
+        year reads 1/f of its bytes per sample. by="shards": whole shards in an order seeded by
+        (seed, year), the last cut short to its first members; read without waste, but each shard
+        holds what it was cut from.
         """
         if not 0 < samples <= self.samples:
             raise ValueError(f"year {year}: a buffer of {samples} from {self.samples} samples")
+        if self.pick is not None:
+            raise ValueError(f"year {year}: a buffer of a buffer")
+        if by == "samples":
+            keys = shard_keys(self.names, seed, year)
+            cut, counts = choose(keys, self.sizes, samples)
+            kept = np.flatnonzero(counts)
+            pick = Pick(cut, kept, keys[kept], self.sizes[kept])
+            return YearShards(self.prefix, [self.names[i] for i in kept], counts[kept], pick)
         order = np.random.default_rng([seed, int.from_bytes(year.encode(), "little") % 2**32]).permutation(len(self))
         sizes = self.sizes[order]
         keep = int(np.searchsorted(np.cumsum(sizes), samples)) + 1
         chosen = sorted(order[:keep].tolist())
-        cut = {int(order[keep - 1]): int(samples - sizes[: keep - 1].sum())}
+        cut_short = {int(order[keep - 1]): int(samples - sizes[: keep - 1].sum())}
         return YearShards(
             self.prefix,
             [self.names[i] for i in chosen],
-            np.array([cut.get(i, int(self.sizes[i])) for i in chosen], dtype=np.int64),
+            np.array([cut_short.get(i, int(self.sizes[i])) for i in chosen], dtype=np.int64),
         )
 
 
