@@ -13,6 +13,12 @@ load favours neither); the overhead is B's time per sample over A's, minus one. 
 us/sample (user + system of the main process and its workers over the whole run) is printed
 too: on a machine busy with other work it moves much less than wall time does.
 Shards (JPEG, --image-size px) are written to a temporary folder unless --data names one.
+
+    python benchmarks/mixing_overhead.py --shuffle 8 --runs 5 --workers 2 --samples 4096
+
+compares the shuffle instead: A = the rehearsal sampler reading each lane's shards one after
+another (data.shuffle_shards=1, the order before the shuffle), B = the same with blocks of 8
+shards interleaved at random (the default); same years, weights, workers and decode.
 """
 
 from __future__ import annotations
@@ -108,12 +114,14 @@ def plain_loader(root: str, args, preprocess, tokenizer) -> DataLoader:
     return DataLoader(pipeline, batch_size=None, num_workers=args.workers, prefetch_factor=prefetch)
 
 
-def mixed_loader(root: str, args, preprocess, tokenizer) -> DataLoader:
+def mixed_loader(root: str, args, preprocess, tokenizer, shuffle: int = 1) -> DataLoader:
     """B: the rehearsal sampler over all 4 years at cumulative-all weights, as loading.step_data builds it."""
     years = find_years(root, years=YEARS)
     streams = stream_count(1, args.workers)
     quotas = apportion(args.samples, {y: years[y].samples for y in YEARS}, multiple=streams)
-    sampler = RehearsalSampler(years, quotas, seed=args.seed, world=1, workers=args.workers)
+    sampler = RehearsalSampler(
+        years, quotas, seed=args.seed, world=1, workers=args.workers, micro=args.micro_batch, shuffle_shards=shuffle
+    )
     dataset = StreamDataset(
         sampler,
         rank=0,
@@ -164,6 +172,7 @@ def main() -> None:
     p.add_argument("--prefetch-factor", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", help="reuse (or write once) shards here instead of a temporary folder")
+    p.add_argument("--shuffle", type=int, default=0, help="A = shuffle_shards 1, B = this many (0: A = webdataset)")
     args = p.parse_args()
     streams = stream_count(1, args.workers)
     if args.samples % (streams * args.micro_batch) or (args.samples // args.shard_size) % streams:
@@ -180,13 +189,17 @@ def main() -> None:
         print(
             f"{args.samples} samples/run, micro-batch {args.micro_batch}, workers {args.workers}, shards of "
             f"{args.shard_size}, {args.image_size}px JPEG -> {args.model} train transform; "
-            f"A = webdataset over {PLAIN_YEAR}, B = rehearsal over {'+'.join(YEARS)}; cpus {os.cpu_count()}, "
+            f"A = {'shuffle_shards 1' if args.shuffle else 'webdataset over ' + PLAIN_YEAR}, B = rehearsal over "
+            f"{'+'.join(YEARS)}{f' with shuffle_shards {args.shuffle}' if args.shuffle else ''}; "
+            f"cpus {os.cpu_count()}, "
             f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
         )
         rates: dict[str, list[float]] = {"A": [], "B": []}
         cpu: dict[str, list[float]] = {"A": [], "B": []}
         for run in range(args.runs):
             pair = [("A", plain_loader), ("B", mixed_loader)]
+            if args.shuffle:
+                pair = [("A", mixed_loader), ("B", partial(mixed_loader, shuffle=args.shuffle))]
             for name, make in pair if run % 2 == 0 else pair[::-1]:  # A B, B A, ...: cancels drift in load
                 rate, us, seen = measure(make(str(root), args, preprocess, tokenizer), args.warmup)
                 rates[name].append(rate)
@@ -196,7 +209,7 @@ def main() -> None:
                     flush=True,
                 )
         # The sampler's own share: all streams' draws with no reading, in this process.
-        dataset = mixed_loader(str(root), args, preprocess, tokenizer).dataset
+        dataset = mixed_loader(str(root), args, preprocess, tokenizer, shuffle=args.shuffle or 1).dataset
         assert isinstance(dataset, StreamDataset)
         sampler = dataset.sampler
         alone = float("inf")

@@ -40,6 +40,8 @@ class DataConfig:
     """DataLoader worker processes per rank (0 = read in the training process)."""
     lanes: int = 0
     """Shards read side by side per year; fixes the global sample order (0 = world x workers)."""
+    shuffle_shards: int = 8
+    """Shards of a lane whose samples are interleaved at random (each still read forward, once a pass)."""
     prefetch_factor: int = 2
     """Batches each worker keeps ready."""
     max_bad_frac: float = 0.01
@@ -258,6 +260,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "train.micro_batch": t.micro_batch,
         "eval.batch_size": cfg.eval.batch_size,
         "data.prefetch_factor": d.prefetch_factor,
+        "data.shuffle_shards": d.shuffle_shards,
         "plan.first_step_years": cfg.plan.first_step_years,
         "logging.every_steps": cfg.logging.every_steps,
         # Keep-last prunes after each save: it must keep the checkpoint it has just written.

@@ -125,6 +125,7 @@ def step_data(
         lanes=cfg.data.lanes,
         step=step.index,
         start=start,
+        shuffle_shards=cfg.data.shuffle_shards,
         micro=cfg.train.micro_batch,
         accum=accumulation_steps(cfg, dist.world_size),
     )

@@ -140,27 +140,38 @@ def _cause(error: BaseException) -> BaseException:
 
 
 class _Reader:
-    """The open shards of one stream: one per (year, pass, lane), since each lane reads forward."""
+    """The open shards of one stream: per (year, pass, lane) the shards of its current block, since
+    a block's draws interleave its shards and each is read forward (order.py)."""
 
     def __init__(self, sampler: RehearsalSampler) -> None:
         self.sampler = sampler
-        self.open: dict[tuple[str, int, int], _OpenShard] = {}
+        self.open: dict[tuple[str, int, int], dict[int, _OpenShard]] = {}
+        self.opens = 0  # shards opened (reopens after a transient error not counted)
 
     def get(self, ref: Ref) -> tuple[dict[str, Any] | None, str]:
         key = (ref.year, ref.pass_index, ref.lane)
         member = self.sampler.member(ref)
-        cur = self.open.get(key)
-        if cur is None or cur.shard != ref.shard or cur.next > member:
-            if cur is not None:
-                cur.close()
+        if key not in self.open:
             for old in [k for k in self.open if k[0] == ref.year and k[1] < ref.pass_index]:
-                self.open.pop(old).close()
-            cur = self.open[key] = _OpenShard(self.sampler.url(ref), ref.shard)
+                for finished in self.open.pop(old).values():
+                    finished.close()
+            self.open[key] = {}
+        lane = self.open[key]
+        cur = lane.get(ref.shard)
+        if cur is None or cur.next > member:
+            if cur is not None:
+                lane.pop(ref.shard).close()
+            # Blocks follow one another: a lane's oldest shard beyond a block's worth is finished.
+            while len(lane) >= self.sampler.shuffle_shards:
+                lane.pop(next(iter(lane))).close()
+            cur = lane[ref.shard] = _OpenShard(self.sampler.url(ref), ref.shard)
+            self.opens += 1
         return cur.get(member), cur.url
 
     def close(self) -> None:
-        for cur in self.open.values():
-            cur.close()
+        for lane in self.open.values():
+            for cur in lane.values():
+                cur.close()
         self.open.clear()
 
 

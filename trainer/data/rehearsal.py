@@ -209,6 +209,7 @@ class RehearsalSampler:
         start: Mapping[str, int] | None = None,
         micro: int = 1,
         accum: int = 1,
+        shuffle_shards: int = 1,
     ) -> None:
         unknown = sorted(set(quotas) - set(years))
         if unknown:
@@ -223,13 +224,16 @@ class RehearsalSampler:
             if quotas[y] and not self.years[y].samples:
                 raise DataError(f"year {y}: {self.years[y]!r} has no samples but a quota of {quotas[y]}")
         self.quotas = [quotas[y] for y in self.names]
-        self.seed, self.step, self.lanes = seed, step, lanes or streams
+        self.seed, self.step, self.lanes, self.shuffle_shards = seed, step, lanes or streams, shuffle_shards
         self.world, self.micro, self.accum = world, micro, accum
         self.begin = [int((start or {}).get(y, 0)) for y in self.names]
         spaces = [Space([], c, q) for c, q in zip(self.begin, self.quotas)]
         self._use(Segment(streams, world, micro, accum, spaces, 0, 0))
-        self._orders = {y: YearOrder(y, self.years[y].sizes, self.lanes, seed) for y in self.names}
+        self._orders = self._make_orders()
         self._log_passes()
+
+    def _make_orders(self) -> dict[str, YearOrder]:
+        return {y: YearOrder(y, self.years[y].sizes, self.lanes, self.seed, self.shuffle_shards) for y in self.names}
 
     def _use(self, segment: Segment) -> None:
         self.segment, self._layout = segment, _Layout(segment)
@@ -315,6 +319,7 @@ class RehearsalSampler:
             "step": self.step,
             "seed": self.seed,
             "lanes": self.lanes,
+            "shuffle_shards": self.shuffle_shards,
             "years": self.names,
             "quotas": self.quotas,
             "begin": self.begin,
@@ -338,9 +343,9 @@ class RehearsalSampler:
         for y, old, new in zip(self.names, state["shards"], mine["shards"]):
             if list(old) != new:
                 raise DataError(f"year {y}: shards changed since the checkpoint ({old} -> {new} shards, samples)")
-        if state["lanes"] != self.lanes:
-            self.lanes = state["lanes"]
-            self._orders = {y: YearOrder(y, self.years[y].sizes, self.lanes, self.seed) for y in self.names}
+        if (state["lanes"], state["shuffle_shards"]) != (self.lanes, self.shuffle_shards):
+            self.lanes, self.shuffle_shards = state["lanes"], state["shuffle_shards"]
+            self._orders = self._make_orders()
         old = Segment.from_dict(state["segment"])
         streams = stream_count(world, workers)
         if (old.streams, old.world, old.micro, old.accum) == (streams, world, self.micro, self.accum):
