@@ -77,9 +77,11 @@ def test_each_year_warm_starts_from_the_last_and_leaves_a_checkpoint(base: dict[
     assert [s["init"] for s in plan["steps"]] == ["scratch", "previous"]
     for tag in ("year-2014", "year-2015"):
         assert (full / "checkpoints" / tag / "COMPLETE").is_file()
-    # Warm start: 2015 begins where 2014 ended, so its first loss is far below a fresh model's.
+    # Warm start: 2015 begins where 2014 ended (loss about ln 8 after 4 steps on batches of 8), not
+    # at the fresh model's loss, which open_clip's initial logit scale puts well above ln 8.
     losses = _losses(full)
-    assert losses[("2015", 1)] < losses[("2014", 1)] - 0.1
+    assert losses[("2015", 1)] < losses[("2014", 1)] - 0.05
+    assert losses[("2014", 1)] > 2.12
 
 
 @pytest.mark.timeout(600)

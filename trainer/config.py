@@ -223,6 +223,13 @@ class Config:
         for later, default in (("objective", dataclasses.asdict(ObjectiveConfig())), ("methods", [])):
             if d[later] == default:
                 d.pop(later)
+        settings: tuple[tuple[str, str, object], ...] = (
+            ("data", "shuffle_shards", DataConfig().shuffle_shards),
+            ("plan", "buffer_select", PlanConfig().buffer_select),
+        )
+        for section, key, unset in settings:
+            if d[section][key] == unset:
+                d[section].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
