@@ -7,6 +7,7 @@ import json
 import os
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -109,3 +110,21 @@ def shard_root(tmp_path) -> Path:
     manifest = {"years": ["2014", "2015"], "splits": {"train": {"2014": 48, "2015": 48}}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
+
+
+def one_rank_dataset(sampler: Any, workers: int, micro_batch: int, seed: int) -> Any:
+    """A 1-rank StreamDataset over `sampler` with open_clip's 32 px eval transform and tokenizer."""
+    import open_clip
+
+    from trainer.data.pipeline import StreamDataset
+
+    return StreamDataset(
+        sampler,
+        rank=0,
+        world=1,
+        workers=workers,
+        micro_batch=micro_batch,
+        preprocess=open_clip.image_transform(32, is_train=False),
+        tokenizer=open_clip.get_tokenizer("ViT-B-32", context_length=TINY_MODEL["text_cfg"]["context_length"]),
+        seed=seed,
+    )

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-import open_clip
 import pytest
 
-from tests.conftest import write_year
+from tests.conftest import one_rank_dataset, write_year
 from trainer.data.buffers import choose, sample_hashes, shard_keys
-from trainer.data.pipeline import StreamDataset, build_loader
+from trainer.data.pipeline import build_loader
 from trainer.data.rehearsal import RehearsalSampler
 from trainer.data.shards import YearShards, find_years
 
@@ -97,15 +96,6 @@ def test_the_loader_reads_exactly_the_buffer_from_real_shards(tmp_path) -> None:
     buffer = year.subset(20, 3, "2014")
     want = {keys[int(name[:6]) * 12 + m] for name, m in _brute_force(year, 20, 3, "2014")}
     sampler = RehearsalSampler({"2014": buffer}, {"2014": 40}, seed=3, world=1, workers=2)
-    dataset = StreamDataset(
-        sampler,
-        rank=0,
-        world=1,
-        workers=2,
-        micro_batch=4,
-        preprocess=open_clip.image_transform(32, is_train=False),
-        tokenizer=open_clip.get_tokenizer("ViT-B-32", context_length=16),
-        seed=3,
-    )
+    dataset = one_rank_dataset(sampler, workers=2, micro_batch=4, seed=3)
     got = [k for batch in build_loader(dataset) for k in batch["key"]]
     assert len(got) == 40 and Counter(got) == Counter({k: 2 for k in want})

@@ -5,13 +5,11 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-import open_clip
 import pytest
 
-from tests.conftest import write_year
+from tests.conftest import one_rank_dataset, write_year
 from trainer.data import pipeline
 from trainer.data.order import YearOrder
-from trainer.data.pipeline import StreamDataset
 from trainer.data.rehearsal import RehearsalSampler
 from trainer.data.shards import find_years
 
@@ -78,16 +76,7 @@ def test_each_shard_is_opened_once_a_pass(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(pipeline, "_OpenShard", Counting)
     sampler = RehearsalSampler(years, {"2014": 3 * 240}, seed=1, world=1, workers=0, lanes=3, shuffle_shards=4)
-    dataset = StreamDataset(
-        sampler,
-        rank=0,
-        world=1,
-        workers=0,
-        micro_batch=8,
-        preprocess=open_clip.image_transform(32, is_train=False),
-        tokenizer=open_clip.get_tokenizer("ViT-B-32", context_length=16),
-        seed=1,
-    )
+    dataset = one_rank_dataset(sampler, workers=0, micro_batch=8, seed=1)
     keys = Counter(k for batch in dataset for k in batch["key"])
     assert len(keys) == 240 and set(keys.values()) == {3}
     assert len(opened) == 12 and set(opened.values()) == {3}, opened
