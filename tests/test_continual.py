@@ -129,3 +129,22 @@ def test_bad_start_points_fail_before_anything_is_written(base: dict[str, Path],
         with pytest.raises(UserError, match=re.escape(message)):
             ContinualRun(cfg, one, **options)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.timeout(600)
+def test_year_lr_decay_trains_the_warm_started_year_at_the_lower_peak(base: dict[str, Path]) -> None:
+    """optim.year_lr_decay=0.5: 2015 re-warms to half of 2014's peak, the same warmup + cosine shape."""
+    log = base["tmp"] / "decay.log"
+    args = [*_settings(base["root"], base["runs"], base["model"], "decay"), "optim.year_lr_decay=0.5"]
+    done = _train(args, log)
+    assert done.returncode == 0, log.read_text()[-3000:]
+    rows = [json.loads(line) for line in (base["runs"] / "decay" / "metrics.jsonl").read_text().splitlines()]
+    lr = {(r["year"], r["step"]): r["lr"] for r in rows if r["kind"] == "train"}
+    full = {
+        (r["year"], r["step"]): r["lr"]
+        for r in map(json.loads, (base["full"] / "metrics.jsonl").open())
+        if r["kind"] == "train"
+    }
+    assert [lr[("2014", s)] for s in range(1, 5)] == [full[("2014", s)] for s in range(1, 5)]
+    assert [lr[("2015", s)] for s in range(1, 5)] == pytest.approx([full[("2015", s)] / 2 for s in range(1, 5)])
+    assert max(lr[("2015", s)] for s in range(1, 5)) == pytest.approx(max(lr[("2014", s)] for s in range(1, 5)) / 2)

@@ -160,3 +160,16 @@ def test_plan_cli_on_an_unreachable_preset_root_assumes_sizes_and_warns_of_a_sma
         "- warning: train.accumulation=gradients: on fewer than 16 GPUs the contrastive batch is micro-batch x GPUs"
         in runs[1].stdout
     )
+
+
+def test_year_lr_decay_lowers_each_warm_started_peak() -> None:
+    decayed = make_plan(_cfg("plan.strategy=cumulative-all", "optim.lr=1e-3", "optim.year_lr_decay=0.5"), SIZES)
+    assert [s.lr for s in decayed.steps] == pytest.approx([1e-3, 5e-4, 2.5e-4, 1.25e-4])
+    same = make_plan(_cfg("plan.strategy=cumulative-all", "optim.lr=1e-3"), SIZES)
+    assert [s.lr for s in same.steps] == [1e-3] * 4
+    # restart trains every step from scratch: no warm start, no decay.
+    restart = make_plan(_cfg("plan.strategy=restart", "optim.lr=1e-3", "optim.year_lr_decay=0.5"), SIZES)
+    assert [s.lr for s in restart.steps] == [1e-3] * 4
+    for bad in ("0", "1.5", "-0.5"):
+        with pytest.raises(ConfigError, match="optim.year_lr_decay"):
+            _cfg(f"optim.year_lr_decay={bad}")

@@ -87,6 +87,8 @@ class OptimConfig:
     """Floor of the cosine schedule."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this (0 = off)."""
+    year_lr_decay: float = 1.0
+    """Peak LR of the k-th warm-started plan step = lr x this^k (1 = the same peak every year, as TiC-CLIP)."""
 
 
 @dataclass(kw_only=True)
@@ -226,6 +228,7 @@ class Config:
         settings: tuple[tuple[str, str, object], ...] = (
             ("data", "shuffle_shards", DataConfig().shuffle_shards),
             ("plan", "buffer_select", PlanConfig().buffer_select),
+            ("optim", "year_lr_decay", OptimConfig().year_lr_decay),
         )
         for section, key, unset in settings:
             if d[section][key] == unset:
@@ -309,6 +312,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"optim.betas: two numbers in [0, 1), got {o.betas}")
     if o.grad_clip < 0:
         raise ConfigError(f"optim.grad_clip: must be 0 (off) or positive, got {o.grad_clip}")
+    if not 0 < o.year_lr_decay <= 1:
+        raise ConfigError(f"optim.year_lr_decay: must be in (0, 1], got {o.year_lr_decay}")
     if not 0 <= d.max_bad_frac <= 1:
         raise ConfigError(f"data.max_bad_frac: a fraction in [0, 1], got {d.max_bad_frac}")
     if t.max_logit_scale <= 1:

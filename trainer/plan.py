@@ -127,6 +127,7 @@ def make_plan(cfg: Config, sizes: Mapping[str, int], years: list[str] | None = N
             )
         samples = steps * batch
         warmup = cfg.optim.warmup_steps
+        scratch = k == 0 or strategy == "restart"
         if k == 0 and cfg.plan.warmup_first >= 0:
             warmup = cfg.plan.warmup_first
         plan.steps.append(
@@ -140,8 +141,9 @@ def make_plan(cfg: Config, sizes: Mapping[str, int], years: list[str] | None = N
                 samples=samples,
                 steps=steps,
                 warmup=min(warmup, steps),
-                lr=cfg.optim.lr,
-                init="scratch" if k == 0 or strategy == "restart" else "previous",
+                # A warm start re-warms to a lower peak each year when optim.year_lr_decay < 1.
+                lr=cfg.optim.lr * (1.0 if scratch else cfg.optim.year_lr_decay**k),
+                init="scratch" if scratch else "previous",
             )
         )
     return plan

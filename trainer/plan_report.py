@@ -35,14 +35,20 @@ def summary(plan: Plan, flops_per_sample: int, restart: Plan) -> dict[str, Any]:
 
 
 def step_table(plan: Plan) -> str:
-    """One line per step: years with weights (buffers marked), samples, steps, warmup, init."""
-    lines = [f"{'step':>4}  {'tag':<6} {'samples':>9} {'steps':>8} {'warmup':>6} {'init':<8}  years: weight (pool)"]
+    """One line per step: years with weights (buffers marked), samples, steps, warmup, peak LR, init."""
+    lines = [
+        f"{'step':>4}  {'tag':<6} {'samples':>9} {'steps':>8} {'warmup':>6} {'peak lr':>8} {'init':<8}  "
+        "years: weight (pool)"
+    ]
     for s in plan.steps:
         years = ", ".join(
             f"{y}: {s.quotas[y] / s.samples:.3f} ({_human(s.pool[y])}{' buf' if y in s.buffered else ''})"
             for y in s.quotas
         )
-        lines.append(f"{s.index:>4}  {s.tag:<6} {_human(s.samples):>9} {s.steps:>8} {s.warmup:>6} {s.init:<8}  {years}")
+        lines.append(
+            f"{s.index:>4}  {s.tag:<6} {_human(s.samples):>9} {s.steps:>8} {s.warmup:>6} {s.lr:>8.2e} "
+            f"{s.init:<8}  {years}"
+        )
     return "\n".join(lines)
 
 

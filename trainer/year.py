@@ -8,7 +8,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -98,8 +98,16 @@ class StepRun:
     def _build(self) -> None:
         p, step = self.p, self.step
         model, preprocess, tokenizer = self._model()
+        # The step's own peak (optim.year_lr_decay); the cosine floor never above it.
+        optim = replace(p.cfg.optim, lr=step.lr, min_lr=min(p.cfg.optim.min_lr, step.lr))
         self.engine = build_engine(
-            model, p.cfg, p.dist, p.accum, step.steps, step.warmup, load_universal=self.load_dir != p.run.checkpoints
+            model,
+            replace(p.cfg, optim=optim),
+            p.dist,
+            p.accum,
+            step.steps,
+            step.warmup,
+            load_universal=self.load_dir != p.run.checkpoints,
         )
         self.state = StepState(plan_step=step.index, global_step=sum(s.steps for s in p.plan.steps[: step.index]))
         views = p.objective.views(preprocess)
