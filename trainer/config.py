@@ -220,19 +220,18 @@ class Config:
         # Like the world size, the micro-batch says how a step is split, so a run may resume on
         # another number of ranks with it changed.
         d["train"].pop("micro_batch")
-        # Sections added after the first release count only when set, so runs started before
-        # they existed (all at these defaults) still resume.
-        for later, default in (("objective", dataclasses.asdict(ObjectiveConfig())), ("methods", [])):
-            if d[later] == default:
-                d.pop(later)
-        settings: tuple[tuple[str, str, object], ...] = (
-            ("data", "shuffle_shards", DataConfig().shuffle_shards),
-            ("plan", "buffer_select", PlanConfig().buffer_select),
-            ("optim", "year_lr_decay", OptimConfig().year_lr_decay),
+        # Sections and settings added after the first release count only when set, so runs
+        # started before they existed (all at these defaults) still resume.
+        later: tuple[tuple[dict[str, Any], str, object], ...] = (
+            (d, "objective", dataclasses.asdict(ObjectiveConfig())),
+            (d, "methods", []),
+            (d["data"], "shuffle_shards", DataConfig().shuffle_shards),
+            (d["plan"], "buffer_select", PlanConfig().buffer_select),
+            (d["optim"], "year_lr_decay", OptimConfig().year_lr_decay),
         )
-        for section, key, unset in settings:
-            if d[section][key] == unset:
-                d[section].pop(key)
+        for section, key, unset in later:
+            if section[key] == unset:
+                section.pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -270,8 +270,8 @@ class StepRun:
     def _save_point(self) -> None:
         """Mid-year checkpoints every checkpoint.every_steps, and on SIGTERM (then stop)."""
         state, every = self.state, self.p.cfg.checkpoint.every_steps
-        # Only where every worker stream has drawn the same count is the sampler's state a point
-        # of its segment (a few integers), so mid-year saves wait for such a step.
+        # Only where every worker stream has drawn the same count is the sampler's state one
+        # point of its segment, so mid-year saves wait for such a step.
         if not self.data.at_stream_boundary() or state.opt_step >= self.step.steps:
             return
         stopping = self.p.stop.agreed()

@@ -146,7 +146,6 @@ class _Reader:
     def __init__(self, sampler: RehearsalSampler) -> None:
         self.sampler = sampler
         self.open: dict[tuple[str, int, int], dict[int, _OpenShard]] = {}
-        self.opens = 0  # shards opened (reopens after a transient error not counted)
 
     def get(self, ref: Ref) -> tuple[dict[str, Any] | None, str]:
         key = (ref.year, ref.pass_index, ref.lane)
@@ -165,7 +164,6 @@ class _Reader:
             while len(lane) >= self.sampler.shuffle_shards:
                 lane.pop(next(iter(lane))).close()
             cur = lane[ref.shard] = _OpenShard(self.sampler.url(ref), ref.shard)
-            self.opens += 1
         return cur.get(member), cur.url
 
     def close(self) -> None:

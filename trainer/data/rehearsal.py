@@ -16,7 +16,7 @@ is beta = (w x world + r) x micro x accum // W, so that the streams' windows of 
 tile one window of Y of length global batch when W divides accum or accum divides W (with workers
 0 or 1, always): every year's count in every global batch is then within 2 of its weight x the
 global batch, on any number of ranks. Otherwise the windows overlap by part of a micro-batch
-(benchmarks/mixing_overhead.py measures the spread).
+(benchmarks/batch_mix.py measures the spread).
 
 Positions. Each year's draws of the step are indices 0 .. R_y - 1 of the year's index space: the
 j-th draw of year y by stream s is index j x S + (s - o_y) mod S, so the streams' draws are
@@ -225,7 +225,7 @@ class RehearsalSampler:
                 raise DataError(f"year {y}: {self.years[y]!r} has no samples but a quota of {quotas[y]}")
         self.quotas = [quotas[y] for y in self.names]
         self.seed, self.step, self.lanes, self.shuffle_shards = seed, step, lanes or streams, shuffle_shards
-        self.world, self.micro, self.accum = world, micro, accum
+        self.micro, self.accum = micro, accum
         self.begin = [int((start or {}).get(y, 0)) for y in self.names]
         spaces = [Space([], c, q) for c, q in zip(self.begin, self.quotas)]
         self._use(Segment(streams, world, micro, accum, spaces, 0, 0))

@@ -12,7 +12,7 @@ import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, Any, TypeVar, overload
+from typing import IO, Any, Literal, TypeVar, overload
 
 import fsspec
 import numpy as np
@@ -101,7 +101,7 @@ class YearShards(Sequence[Shard]):
     def __repr__(self) -> str:
         return f"YearShards({self.prefix!r}, {len(self)} shards, {self.samples} samples)"
 
-    def subset(self, samples: int, seed: int, year: str, by: str = "samples") -> YearShards:
+    def subset(self, samples: int, seed: int, year: str, by: Literal["samples", "shards"] = "samples") -> YearShards:
         """A fixed replay buffer of exactly `samples`, nested: a smaller one lies inside a larger one.
 
         by="samples": the samples with the smallest hashes (trainer/data/buffers.py), spread over
