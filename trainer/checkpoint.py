@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,13 @@ def is_complete(tag_dir: Path) -> bool:
 
 def _tag_size(tag_dir: Path) -> int:
     return sum(p.stat().st_size for p in tag_dir.rglob("*") if p.is_file())
+
+
+def _readable(value: object) -> str:
+    """How the people's copy of the train state shows what JSON cannot hold: a tensor by its shape."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"tensor{list(value.shape)} {value.dtype}"
+    return str(value)
 
 
 def check_free_space(ckpt_dir: Path, min_free_gb: float) -> None:
@@ -77,8 +85,10 @@ def save(
     dist: DistInfo,
     min_free_gb: float,
     keep_last: int,
+    files: Mapping[str, Callable[[Path], object]] | None = None,
 ) -> Path:
-    """Save on all ranks; rank 0 then marks it COMPLETE and points `latest` at it.
+    """Save on all ranks; rank 0 then writes `files` (name -> writer of a temp path) into the tag,
+    marks it COMPLETE and points `latest` at it.
 
     Every rank checks its own disk first (node-local disks differ), and a write that fails on any
     rank (a full disk, an I/O error) fails the save on all: the partial tag is removed and the
@@ -108,7 +118,9 @@ def save(
         barrier()
     if not problem and dist.is_main:
         try:
-            write_text_atomic(tag_dir / TRAIN_STATE, json.dumps(client_state, indent=1, default=str))
+            for name, write in (files or {}).items():
+                atomic_write(tag_dir / name, write)
+            write_text_atomic(tag_dir / TRAIN_STATE, json.dumps(client_state, indent=1, default=_readable))
             write_text_atomic(tag_dir / COMPLETE, tag + "\n")
         except OSError as e:
             problem = _write_failure(e, ckpt_dir)

@@ -104,6 +104,17 @@ def all_gather_object(obj: T) -> list[T]:
     return parts
 
 
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of `x` concatenated in rank order, differentiable: the backward sums each
+    rank's gradient of its rows, so a loss every rank computes over all rows gives world x the
+    gradient, which DeepSpeed's averaging over ranks divides back."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()))
+
+
 def sum_counts(counts: dict[str, int]) -> dict[str, int]:
     """Add up per-rank counters whose keys may differ between ranks."""
     total: dict[str, int] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,5 +28,20 @@ def resolve(name: str, builtins: Mapping[str, str], base: type, key: str) -> typ
 
 
 def options(cls: Any, values: Mapping[str, Any], key: str) -> Any:
-    """`values` checked and converted into `cls.Options`; an unknown or bad setting names `key`.<setting>."""
-    return build_dataclass(cls.Options, dict(values), key)
+    """`values` checked and converted into `cls.Options`; an unknown or bad setting names `key`.<setting>.
+
+    Options with ranges define `validate(key)`, raising ConfigError for `key`.<setting>.
+    """
+    built = build_dataclass(cls.Options, dict(values), key)
+    check = getattr(built, "validate", None)
+    if callable(check):
+        check(key)
+    return built
+
+
+def check_range(key: str, value: float, low: float, high: float = math.inf, *, open_low: bool = False) -> None:
+    """ConfigError naming `key` unless low <= value <= high (low < value with `open_low`)."""
+    if value < low or (open_low and value == low) or value > high:
+        left = "(" if open_low else "["
+        right = "]" if high != math.inf else ")"
+        raise ConfigError(f"{key}: must be in {left}{low:g}, {high:g}{right}, got {value:g}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from safetensors.torch import save_file
 
 from trainer import checkpoint as ckpt
 from trainer.config import Config, contrastive_batch, contrastive_warning
@@ -31,7 +32,7 @@ from trainer.plan import Plan, YearStep
 from trainer.preemption import Preempted, StopFlag
 from trainer.rundir import RunDir, step_tag, year_tag
 from trainer.state import CheckpointHeader, StepState, client_state, restore
-from trainer.weights.consolidate import load_weights
+from trainer.weights.consolidate import HANDED_ON, load_weights
 
 log = logging.getLogger("tic")
 
@@ -123,7 +124,16 @@ class StepRun:
             # Checkpoints written before objectives and methods had state lack their entries.
             restore(client, self._parts(), optional=("objective", "methods"))
         self.data.batches = self.state.opt_step * p.accum
-        self.ctx = YearContext(p.cfg, p.dist, p.run, step, self.engine.module, p.objective, self._previous())
+        self.ctx = YearContext(
+            p.cfg,
+            p.dist,
+            p.run,
+            step,
+            self.engine.module,
+            p.objective,
+            self._previous(),
+            p.plan.steps[step.index - 1].tag if step.index else None,
+        )
         for method in p.methods:
             method.year_start(self.ctx)
 
@@ -292,8 +302,9 @@ class StepRun:
         p, step, state = self.p, self.step, self.state
         for method in p.methods:
             method.year_end(self.ctx)
+        handed = [w for w in (m.handed_on(self.ctx) for m in p.methods) if w is not None]
         tag = year_tag(step.tag)
-        self._save(tag, year_complete=True)
+        self._save(tag, year_complete=True, handed_on=handed[-1] if handed else None)
         skipped = sum_counts(state.bad)
         log.info(
             "step %d (%s) done: loss %.4f, corrupt samples (all ranks) %s",
@@ -321,8 +332,12 @@ class StepRun:
         if p.dist.is_main:
             p.run.append_year(record)
 
-    def _save(self, tag: str, year_complete: bool) -> None:
+    def _save(self, tag: str, year_complete: bool, handed_on: dict[str, torch.Tensor] | None = None) -> None:
         p, state = self.p, self.state
+        files = {}
+        if handed_on is not None:
+            weights = {k: v.contiguous() for k, v in handed_on.items()}
+            files[HANDED_ON] = lambda tmp: save_file(weights, str(tmp))
         header = CheckpointHeader(
             plan_step=state.plan_step,
             global_step=state.global_step,
@@ -339,6 +354,7 @@ class StepRun:
             p.dist,
             p.cfg.checkpoint.min_free_gb,
             p.cfg.checkpoint.keep_last,
+            files,
         )
         log.info("saved checkpoint %s", tag)
 

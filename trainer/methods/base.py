@@ -34,7 +34,9 @@ class YearContext:
     """The module being trained (under ZeRO-3 its parameters are partitioned outside forward)."""
     objective: Objective
     previous: Callable[[], dict[str, torch.Tensor]] | None
-    """fp32 weights of the previous plan step's checkpoint; None in the first step."""
+    """fp32 weights the previous plan step handed on (its checkpoint's); None in the first step."""
+    previous_tag: str | None = None
+    """The previous plan step's tag (its newest year); None in the first step."""
 
 
 class Method:
@@ -62,6 +64,18 @@ class Method:
     def flops_per_sample(self, model_flops: float) -> float:
         """Extra training FLOPs per sample the method adds (a teacher's forward, say)."""
         return 0.0
+
+    def year_end_flops(self, model_flops: float) -> float:
+        """FLOPs the method spends once per plan step at its end (a Fisher pass, say)."""
+        return 0.0
+
+    def handed_on(self, ctx: YearContext) -> dict[str, torch.Tensor] | None:
+        """The weights the step hands on instead of its trained ones (merging), or None.
+
+        Called on every rank after `year_end`; rank 0's result is written into the yearly
+        checkpoint, and warm starts, teachers, evaluation and export read it from there, while
+        resuming still loads the trained weights."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}

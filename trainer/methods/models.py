@@ -1,0 +1,64 @@
+"""Copies of the model a method keeps beside the one being trained: frozen teachers, full weights.
+
+A teacher is a plain module on every rank, never wrapped by DeepSpeed and never partitioned, so
+under ZeRO-3 its forward needs no gather of the student's partitions; it sits in bf16 on CUDA
+and in fp32 on the CPU (bf16 matmuls on the CPU are ~30x slower there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import ModelConfig
+from trainer.model import create_model
+
+
+def teacher_dtype(device: torch.device, choice: str = "auto") -> torch.dtype:
+    """The precision a frozen copy sits in: `auto` = bf16 on CUDA, fp32 elsewhere."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice]
+
+
+def frozen_copy(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> Any:
+    """A model built from `cfg` holding `weights`, in eval mode, without gradients, in `dtype`."""
+    model = create_model(cfg, device)[0]
+    model.load_state_dict(dict(weights))
+    model.output_dict = True
+    model.to(dtype=dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def is_partitioned(module: nn.Module) -> bool:
+    """True when `module`'s parameters are ZeRO-3 partitions outside forward."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+@torch.no_grad()
+def full_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s state dict as fp32 CPU tensors, gathering ZeRO-3 partitions one parameter at a time.
+
+    A collective under ZeRO-3: every rank must call it.
+    """
+    if not is_partitioned(module):
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    import deepspeed
+
+    params: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            params[name] = p.detach().float().cpu().clone()
+    # Buffers are never partitioned; state_dict's keys and the 0-dim logit_scale come from the module.
+    out = {}
+    for key, value in module.state_dict().items():
+        full = params.get(key, value)
+        out[key] = full.detach().float().cpu().clone() if full.is_floating_point() else full.detach().cpu().clone()
+    if "logit_scale" in out:
+        out["logit_scale"] = out["logit_scale"].reshape(())
+    return out
