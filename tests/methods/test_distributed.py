@@ -1,9 +1,10 @@
 """Every gradient-bearing method: 2 ranks = 1 rank on the same global batch, under ZeRO-2 and ZeRO-3.
 
-A real DeepSpeed engine per rank count takes one optimizer step on 8 pairs with distillation (from
-a different previous model, replayed rows only, unevenly spread over the ranks) and EWC (a Fisher
-file in the run folder) on top of CLIP; the loss terms (mean over ranks) and every parameter's
-full gradient at the optimizer step (before Adam, which would hide a wrong scale) must agree to
+A real DeepSpeed engine per rank count takes two optimizer steps on 8 pairs with distillation (from
+a different previous model, replayed rows only, unevenly spread over the ranks), EWC (a Fisher
+file in the run folder) and CTP (momentum encoder, queue, topology) on top of CLIP; the loss terms
+of both steps (mean over ranks), CTP's momentum weights and queues, and every parameter's full
+gradient at the first optimizer step (before Adam, which would hide a wrong scale) must agree to
 1e-5 of the tensor's largest entry.
 """
 
@@ -23,6 +24,7 @@ from trainer.loop import accumulate_gradients
 from trainer.methods import build_methods
 from trainer.methods.base import YearContext
 from trainer.methods.ewc import fisher_file
+from trainer.methods.models import full_weights
 from trainer.model import create_model
 from trainer.objectives import build_objective
 from trainer.plan import YearStep
@@ -34,6 +36,7 @@ YEARS = ["2015", "2014", "2015", "2015", "2014", "2013", "2015", "2014"]
 METHODS = [
     MethodConfig(name="distill", options={"rows": "replay", "temperature": 2.0, "weight": 3.0}),
     MethodConfig(name="ewc", options={"weight": 50.0}),
+    MethodConfig(name="ctp", options={"queue": 12}),
 ]
 
 
@@ -102,9 +105,10 @@ def _one_step(rank: int, world: int, model_json: str, stage: int, run: str, out:
     take_step = engine.step
 
     def step() -> None:
-        for n, p in engine.module.named_parameters():  # a collective under ZeRO-2/3: every rank, same order
-            g = safe_get_full_grad(p)
-            grads[n] = g.detach().float().clone()
+        if not grads:  # the first step's: after it, Adam moves the weights apart by rounding
+            for n, p in engine.module.named_parameters():  # a collective under ZeRO-2/3: same order everywhere
+                g = safe_get_full_grad(p)
+                grads[n] = g.detach().float().clone()
         take_step()
 
     engine.step = step
@@ -113,12 +117,20 @@ def _one_step(rank: int, world: int, model_json: str, stage: int, run: str, out:
     rows = slice(rank * GLOBAL // world, (rank + 1) * GLOBAL // world)
     batch = {"image": image[rows], "text": text[rows], "year": YEARS[rows]}
     loss, terms, _ = accumulate_gradients(engine, [batch], objective, torch.device("cpu"), methods)
-    torch.save({"loss": loss, "terms": terms, "grads": grads}, Path(out) / f"w{world}-r{rank}.pt")
+    for m in methods:
+        m.after_step(ctx)
+    first = {"student": full_weights(engine.module), "momentum": methods[2].state_dict()["momentum"]}
+    # A second step: CTP's queue now holds the first step's momentum features.
+    loss2, terms2, _ = accumulate_gradients(engine, [batch], objective, torch.device("cpu"), methods)
+    for m in methods:
+        m.after_step(ctx)
+    result = {"loss": [loss, loss2], "terms": {**terms, **{f"{k}@2": v for k, v in terms2.items()}}, "grads": grads}
+    torch.save({**result, "ctp": methods[2].state_dict(), "first": first}, Path(out) / f"w{world}-r{rank}.pt")
 
 
-def _mean(parts: list[dict], key: str) -> dict[str, float] | float:
+def _mean(parts: list[dict], key: str) -> dict[str, float] | list[float]:
     if key == "loss":
-        return sum(p["loss"] for p in parts) / len(parts)
+        return [sum(p["loss"][i] for p in parts) / len(parts) for i in range(2)]
     return {k: sum(p["terms"][k] for p in parts) / len(parts) for k in parts[0]["terms"]}
 
 
@@ -132,10 +144,27 @@ def test_methods_two_ranks_equal_one(tmp_path: Path, tiny_model_json: Path, stag
     one = [torch.load(tmp_path / "w1-r0.pt")]
     two = [torch.load(tmp_path / f"w2-r{r}.pt") for r in range(2)]
     terms = _mean(one, "terms")
-    assert set(terms) == {"0:Distillation/kl", "1:Ewc/penalty"}
-    assert terms["0:Distillation/kl"] > 1e-3 and terms["1:Ewc/penalty"] > 1e-3
+    names = {"0:Distillation/kl", "1:Ewc/penalty", "2:Ctp/moco", "2:Ctp/topology"}
+    assert set(terms) == names | {f"{n}@2" for n in names}
+    assert all(v > 1e-3 for v in terms.values())
     assert _mean(two, "terms") == pytest.approx(terms, rel=1e-5, abs=1e-6)
     assert _mean(two, "loss") == pytest.approx(_mean(one, "loss"), rel=1e-5)
+    # CTP's first momentum update: 0.9 x θ_old + 0.05 x θ + 0.05 x θ_old, on the student's slices
+    # under ZeRO-3; across rank counts the momentum encoders and queues agree.
+    previous = _previous(str(tiny_model_json))
+    for part in (one[0], *two):
+        student, momentum = part["first"]["student"], part["first"]["momentum"]
+        for name, m in momentum.items():
+            expected = 0.95 * previous[name].reshape(m.shape) + 0.05 * student[name].reshape(m.shape)
+            torch.testing.assert_close(m, expected, atol=1e-6, rtol=1e-6)
+    ctp1, ctp2 = one[0]["ctp"], two[1]["ctp"]
+    assert ctp1["queues"]["image"].shape == (12, 32)
+    for name, q in ctp1["queues"].items():
+        torch.testing.assert_close(ctp2["queues"][name], q, atol=1e-5, rtol=0)
+    for name, w in ctp1["momentum"].items():
+        # Adam turns rounding-level gradient differences on near-zero gradients into steps of up
+        # to lr (1e-3): the momentum encoder holds 5% of the student after each.
+        torch.testing.assert_close(ctp2["momentum"][name], w, atol=2e-4, rtol=0)
     ref = one[0]["grads"]
     assert ref.keys() == two[0]["grads"].keys() and "logit_scale" in ref
     for r in range(2):

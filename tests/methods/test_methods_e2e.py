@@ -1,6 +1,7 @@
-"""Distillation + EWC + an EMA merge trained from the command line: 3 unequal years on 2 ranks with
+"""Distillation + EWC + CTP + an EMA merge trained from the command line: 3 unequal years on 2 ranks with
 a cumulative plan, every term logged where it applies, Fishers accumulated, merged weights handed
-on; a run resumed mid-year reproduces the losses and the merged weights bit for bit."""
+on; a run resumed mid-year reproduces the losses (CTP's momentum queue included) and the merged
+weights bit for bit."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from trainer.weights.consolidate import HANDED_ON, load_weights
 REPO = Path(__file__).resolve().parents[2]
 METHODS = (
     "methods=[{name: distill, options: {temperature: 2.0}}, {name: ewc, options: {samples: 32, batch: 8, weight: 100}},"
-    " {name: merge, options: {mode: ema, ema_decay: 0.8}}]"
+    " {name: ctp, options: {queue: 16}}, {name: merge, options: {mode: ema, ema_decay: 0.8}}]"
 )
 
 
@@ -75,6 +76,8 @@ def test_methods_train_from_the_command_line(methods_run) -> None:
         has_teacher = g > 5  # the first step has no previous model, no Fisher
         assert ("loss/0:Distillation/kl" in r) == has_teacher
         assert ("loss/1:Ewc/penalty" in r) == has_teacher
+        assert ("loss/2:Ctp/topology" in r) == has_teacher
+        assert r["loss/2:Ctp/moco"] > 0
     # After the step's first optimizer step the student has moved away from its teacher and anchor.
     assert lines[7]["loss/0:Distillation/kl"] > 0 and lines[7]["loss/1:Ewc/penalty"] > 0
     # Online EWC with decay 1: each Fisher file holds the sum so far.
@@ -103,13 +106,15 @@ def test_methods_resume_mid_year_exactly(methods_run, tmp_path: Path, tiny_model
     (copy / "checkpoints" / "latest").write_text("step-9\n")
     (copy / "metrics.jsonl").write_text("")
     state = json.loads((copy / "checkpoints" / "step-9" / "trainer_state.json").read_text())
-    assert state["methods"]["2:Merge"]["ema_step"] == 1 and state["methods"]["2:Merge"]["steps"] == 4
+    assert state["methods"]["3:Merge"]["ema_step"] == 1 and state["methods"]["3:Merge"]["steps"] == 4
+    assert state["methods"]["2:Ctp"]["queues"]["image"] == "tensor[16, 32] torch.float32"
     deepspeed_train([*_settings(root, tmp_path / "runs", tiny_model_json), "--resume", "auto"], tmp_path / "r.log")
     original, resumed = _train_lines(run), _train_lines(copy)
     assert sorted(resumed) == list(range(10, 16))
     for g in resumed:
         assert resumed[g]["loss"] == original[g]["loss"], g
         assert resumed[g]["loss/0:Distillation/kl"] == original[g]["loss/0:Distillation/kl"]
+        assert resumed[g]["loss/2:Ctp/moco"] == original[g]["loss/2:Ctp/moco"]  # momentum queue resumed
     for year in (2015, 2016):
         a = load_file(str(run / "checkpoints" / f"year-{year}" / HANDED_ON))
         b = load_file(str(copy / "checkpoints" / f"year-{year}" / HANDED_ON))

@@ -9,6 +9,7 @@ from trainer.plugins import options, resolve
 from trainer.typed_config import ConfigError
 
 BUILTIN: dict[str, str] = {
+    "ctp": "trainer.methods.ctp:Ctp",
     "distill": "trainer.methods.distill:Distillation",
     "ewc": "trainer.methods.ewc:Ewc",
     "merge": "trainer.methods.merge:Merge",
