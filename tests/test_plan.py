@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.dist_helpers import clean_env
 from trainer.config import ConfigError, load_config
+from trainer.distributed import DistInfo
+from trainer.methods import build_methods
 from trainer.plan import apportion, buffer_sizes, make_plan
-from trainer.plan_report import plan_for, summary
+from trainer.plan_report import method_candidates, method_flops, methods_table, plan_for, summary
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"2014": 100, "2015": 100, "2016": 100, "2017": 80}
@@ -173,3 +176,26 @@ def test_year_lr_decay_lowers_each_warm_started_peak() -> None:
     for bad in ("0", "1.5", "-0.5"):
         with pytest.raises(ConfigError, match="optim.year_lr_decay"):
             _cfg(f"optim.year_lr_decay={bad}")
+
+
+def test_methods_add_their_flops_step_by_step() -> None:
+    """A teacher forward from the second step, a momentum forward in every step, a Fisher pass at
+    every step's end: counted on top of the objective so plans compare at equal compute."""
+    dist = DistInfo(0, 1, 0, torch.device("cpu"), "gloo")
+    cfg = _cfg(
+        "plan.strategy=cumulative-all",
+        "train.samples=100",
+        "methods=[{name: distill}, {name: ewc, options: {samples: 30}}, {name: ctp}]",
+    )
+    plan = plan_for(cfg, SIZES, "cumulative-all")
+    distill, ewc, ctp = build_methods(cfg, dist)
+    f = 300.0  # training FLOPs per pair: a forward is 100
+    assert method_flops(plan, [distill], f) == 3 * 100 * 100  # steps 2-4
+    assert method_flops(plan, [ewc], f) == 4 * 30 * 300  # forward + backward of 30 pairs per step
+    assert method_flops(plan, [ctp], f) == 4 * 100 * 100 + 3 * 100 * 100  # momentum always, old model after
+    row = summary(plan, f, plan_for(cfg, SIZES, "restart"), [distill, ewc, ctp], f)
+    assert row["total_flops"] == row["train_flops"] + method_flops(plan, [distill, ewc, ctp], f)
+    table = methods_table(plan, f, method_candidates(cfg, dist), f)
+    lines = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
+    assert set(lines) == {"none", "ctp", "distill", "ewc", "merge", "this"}
+    assert lines["distill"][3] == f"{(120000 + 30000) / 120000:.2f}x" and lines["merge"][3] == "1.00x"

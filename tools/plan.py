@@ -21,18 +21,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
+
 from trainer.config import load_config
 from trainer.data.shards import DataError, find_years
+from trainer.distributed import DistInfo
 from trainer.errors import UserError
 from trainer.flops import train_flops
 from trainer.memory import memory_report
+from trainer.methods import build_methods
 from trainer.model import create_model
+from trainer.objectives import build_objective
 from trainer.plan_report import (
     STRATEGIES,
     assumptions,
     compare_table,
     memory_notes,
     memory_table,
+    method_candidates,
+    methods_table,
     plan_for,
     step_table,
     summary,
@@ -147,13 +154,17 @@ def main(argv: list[str] | None = None) -> int:
             sizes = {y: args.year_size or cfg.train.samples or cfg.train.global_batch for y in years}
             assumed = True
         flops = train_flops(create_model(cfg.model)[0])
+        one = DistInfo(0, 1, 0, torch.device("cpu"), "gloo")
+        per_sample = build_objective(cfg, one).flops_per_sample(flops)
+        methods = build_methods(cfg, one)
+        candidates = method_candidates(cfg, one) if args.compare else {}
         restart = plan_for(cfg, sizes, "restart")
         chosen = [args.strategy or cfg.plan.strategy] if not args.compare else STRATEGIES
         plans = {s: plan_for(cfg, sizes, s) for s in chosen}
     except UserError as e:
         print(f"plan: error: {e}", file=sys.stderr)
         return 2
-    rows = [summary(pl, flops, restart) for pl in plans.values()]
+    rows = [summary(pl, per_sample, restart, methods, flops) for pl in plans.values()]
     if args.json:
         print(json.dumps({"summary": rows, "plans": {s: pl.to_dict() for s, pl in plans.items()}}, indent=1))
         return 0
@@ -162,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         print()
     print(compare_table(rows))
     print()
+    if candidates:
+        print(methods_table(plans[cfg.plan.strategy], per_sample, candidates, flops))
+        print()
     print(assumptions(cfg, sizes, flops, assumed))
     return 0
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, cast
 
-from trainer.config import Config, Strategy, contrastive_warning
+from trainer.config import Config, MethodConfig, Strategy, contrastive_warning
+from trainer.distributed import DistInfo
+from trainer.methods import BUILTIN, build_methods
+from trainer.methods.base import Method
 from trainer.plan import Plan, make_plan
 
 STRATEGIES = ["sequential", "cumulative-all", "cumulative-exp", "cumulative-equal", "replay", "restart"]
@@ -23,15 +26,62 @@ def plan_for(cfg: Config, sizes: Mapping[str, int], strategy: str) -> Plan:
     return make_plan(replace(cfg, plan=replace(cfg.plan, strategy=cast(Strategy, strategy))), sizes)
 
 
-def summary(plan: Plan, flops_per_sample: int, restart: Plan) -> dict[str, Any]:
-    """Totals of a plan and its cost relative to retraining from scratch at every step."""
+def method_flops(plan: Plan, methods: Sequence[Method], model_flops: float) -> float:
+    """What the methods add to a plan: per-sample extras (teacher and momentum forwards) and year-end
+    passes (a Fisher), step by step (the first step has no previous model)."""
+    return sum(
+        s.samples * m.flops_per_sample(model_flops, s.index == 0) + m.year_end_flops(model_flops)
+        for s in plan.steps
+        for m in methods
+    )
+
+
+def summary(
+    plan: Plan, flops_per_sample: float, restart: Plan, methods: Sequence[Method] = (), model_flops: float = 0.0
+) -> dict[str, Any]:
+    """Totals of a plan (the objective's FLOPs, the methods' on top) and its cost relative to
+    retraining from scratch at every step."""
+    train = plan.total_samples * flops_per_sample
+    extra = method_flops(plan, methods, model_flops)
     return {
         "strategy": plan.strategy,
         "samples": plan.total_samples,
         "optimizer_steps": sum(s.steps for s in plan.steps),
-        "train_flops": plan.total_samples * flops_per_sample,
-        "cost_vs_restart": plan.total_samples / restart.total_samples,
+        "train_flops": train,
+        "method_flops": extra,
+        "total_flops": train + extra,
+        "cost_vs_restart": (train + extra) / (restart.total_samples * flops_per_sample),
     }
+
+
+def method_candidates(cfg: Config, dist: DistInfo) -> dict[str, list[Method]]:
+    """Every built-in method alone at its defaults, and the run's own combination when it has one."""
+    out: dict[str, list[Method]] = {"none": []}
+    for name in BUILTIN:
+        out[name] = build_methods(replace(cfg, methods=[MethodConfig(name=name)]), dist)
+    if cfg.methods:
+        out["this run: " + "+".join(m.name for m in cfg.methods)] = build_methods(cfg, dist)
+    return out
+
+
+def methods_table(
+    plan: Plan, flops_per_sample: float, candidates: Mapping[str, Sequence[Method]], model_flops: float
+) -> str:
+    """Each method (or combination) on one plan: its extra FLOPs, its total against the plain plan,
+    and the samples per step that would give it the plain plan's compute."""
+    plain = plan.total_samples * flops_per_sample
+    per_step = plan.total_samples / len(plan.steps)
+    lines = [
+        f"{'methods (' + plan.strategy + ')':<28} {'extra FLOPs':>12} {'total FLOPs':>12} {'vs plain':>9} "
+        f"{'samples/step at equal compute':>30}"
+    ]
+    for name, methods in candidates.items():
+        extra = method_flops(plan, methods, model_flops)
+        lines.append(
+            f"{name:<28} {extra:>12.3e} {plain + extra:>12.3e} {(plain + extra) / plain:>8.2f}x "
+            f"{_human(per_step * plain / (plain + extra)):>30}"
+        )
+    return "\n".join(lines)
 
 
 def step_table(plan: Plan) -> str:
@@ -53,11 +103,15 @@ def step_table(plan: Plan) -> str:
 
 
 def compare_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'strategy':<17} {'samples':>9} {'steps':>9} {'train FLOPs':>12} {'vs restart':>10}"]
+    lines = [
+        f"{'strategy':<17} {'samples':>9} {'steps':>9} {'train FLOPs':>12} {'+ methods':>12} {'total':>12} "
+        f"{'vs restart':>10}"
+    ]
     for r in rows:
         lines.append(
             f"{r['strategy']:<17} {_human(r['samples']):>9} {r['optimizer_steps']:>9} "
-            f"{r['train_flops']:>12.3e} {r['cost_vs_restart']:>9.2f}x"
+            f"{r['train_flops']:>12.3e} {r['method_flops']:>12.3e} {r['total_flops']:>12.3e} "
+            f"{r['cost_vs_restart']:>9.2f}x"
         )
     return "\n".join(lines)
 

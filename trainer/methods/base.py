@@ -61,8 +61,9 @@ class Method:
     def year_end(self, ctx: YearContext) -> None:
         """After the step's last optimizer step, before its yearly checkpoint is written."""
 
-    def flops_per_sample(self, model_flops: float) -> float:
-        """Extra training FLOPs per sample the method adds (a teacher's forward, say)."""
+    def flops_per_sample(self, model_flops: float, first: bool = False) -> float:
+        """Extra training FLOPs per sample the method adds (a teacher's forward, say); `first`: in the
+        plan's first step, where there is no previous model."""
         return 0.0
 
     def year_end_flops(self, model_flops: float) -> float:

@@ -168,9 +168,9 @@ class Ctp(Method):
     def year_end(self, ctx: YearContext) -> None:
         self.old = self.old_weights = None
 
-    def flops_per_sample(self, model_flops: float) -> float:
+    def flops_per_sample(self, model_flops: float, first: bool = False) -> float:
         # The momentum encoder's forward, and from the second step the old model's.
-        return 2 * model_flops / 3
+        return (1 if first else 2) * model_flops / 3
 
     def state_dict(self) -> dict[str, Any]:
         if self.momentum is None:

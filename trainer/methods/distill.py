@@ -117,5 +117,5 @@ class Distillation(Method):
         )
         return {"kl": self.options.weight * kl}
 
-    def flops_per_sample(self, model_flops: float) -> float:
-        return model_flops / 3  # one teacher forward; training is 3 x forward
+    def flops_per_sample(self, model_flops: float, first: bool = False) -> float:
+        return 0.0 if first else model_flops / 3  # one teacher forward; training is 3 x forward

@@ -162,9 +162,6 @@ class Ewc(Method):
             atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in fisher.items()}, str(tmp)))
         self.fisher, self.anchor, self.params = {}, {}, []
 
-    def flops_per_sample(self, model_flops: float) -> float:
-        return 0.0  # the penalty is elementwise; the Fisher pass is a year-end cost (year_end_flops)
-
     def year_end_flops(self, model_flops: float) -> float:
         """FLOPs of the Fisher pass: forward and backward of `samples` pairs."""
         return self.options.samples * model_flops
