@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= offline
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv test reliability lint demo clean
+.PHONY: venv test reliability lint demo methods clean
 
 venv: $(STAMP)
 
@@ -51,5 +51,10 @@ demo: $(STAMP)
 	done
 	$(PY) tools/evaluate.py --compare $(DEMO_RUNS)/demo-sequential $(DEMO_RUNS)/demo-cumulative-all
 
+# Every continual method on the demo's synthetic years at equal compute on 2 CPU ranks, then the
+# table of ID / BWT / FWT (README: Continual methods). About 25 minutes; complete runs are reused.
+methods: $(STAMP)
+	$(PY) benchmarks/methods_table.py --data $(DEMO_DATA) --runs $(DEMO_RUNS)/methods
+
 clean:
-	rm -rf $(VENV) runs/demo* data/demo
+	rm -rf $(VENV) runs/demo* runs/methods data/demo
