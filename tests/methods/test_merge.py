@@ -103,7 +103,7 @@ def test_ema_follows_training_steps_and_resumes(tmp_path: Path, tiny_model_json:
         ("[{name: merge, options: {alpha: -0.1}}]", r"methods\[0\]\.options\.alpha: must be in \[0, 1\]"),
         ("[{name: merge, options: {mode: soup}}]", r"methods\[0\]\.options\.mode"),
         ("[{name: ewc}, {name: distill}, {name: ewc}]", r"methods\[2\]\.name: ewc is methods\[0\] already"),
-        ("[{name: lwf}]", r"methods\[0\]\.name: 'lwf' is neither a built-in \(distill, ewc, merge\)"),
+        ("[{name: lwf}]", r"methods\[0\]\.name: 'lwf' is neither a built-in \(ctp, distill, ewc, merge\)"),
     ],
 )
 def test_method_settings_are_checked_by_key(methods: str, message: str) -> None:
@@ -111,8 +111,14 @@ def test_method_settings_are_checked_by_key(methods: str, message: str) -> None:
         build_methods(load_config(None, ["data.root=x", f"methods={methods}"]), DIST)
 
 
+def test_merging_a_plan_that_restarts_from_scratch_is_refused() -> None:
+    cfg = load_config(None, ["data.root=x", "plan.strategy=restart", "methods=[{name: distill}, {name: merge}]"])
+    with pytest.raises(ConfigError, match=r"methods\[1\]\.name: merge: plan.strategy=restart trains every step from"):
+        build_methods(cfg, DIST)
+
+
 def test_methods_compose() -> None:
     built = build_methods(
-        load_config(None, ["data.root=x", "methods=[{name: distill}, {name: ewc}, {name: merge}]"]), DIST
+        load_config(None, ["data.root=x", "methods=[{name: distill}, {name: ewc}, {name: ctp}, {name: merge}]"]), DIST
     )
-    assert [type(m).__name__ for m in built] == ["Distillation", "Ewc", "Merge"]
+    assert [type(m).__name__ for m in built] == ["Distillation", "Ewc", "Ctp", "Merge"]

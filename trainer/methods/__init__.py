@@ -30,6 +30,9 @@ def build_methods(cfg: Config, dist: DistInfo) -> list[Method]:
                 f"methods[{i}].name: {m.name} merges the weights a step hands on, as methods[{merging[0]}] does; "
                 "one merging method per run"
             )
+        problem = cls.conflict(cfg)
+        if problem:
+            raise ConfigError(f"methods[{i}].name: {problem}")
         out.append(cls(cfg, dist, options(cls, m.options, f"methods[{i}].options")))
     return out
 

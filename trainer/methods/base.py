@@ -48,6 +48,11 @@ class Method:
     def __init__(self, cfg: Config, dist: DistInfo, options: Any) -> None:
         self.cfg, self.dist, self.options = cfg, dist, options
 
+    @classmethod
+    def conflict(cls, cfg: Config) -> str:
+        """Why the method cannot run with this config (its plan, say), or "" when it can."""
+        return ""
+
     def year_start(self, ctx: YearContext) -> None:
         """Before the step's first optimizer step (also when a step resumes mid-year)."""
 

@@ -52,6 +52,15 @@ class Merge(Method):
 
     Options = MergeOptions
 
+    @classmethod
+    def conflict(cls, cfg: Any) -> str:
+        if cfg.plan.strategy == "restart":
+            return (
+                "merge: plan.strategy=restart trains every step from scratch, and weights trained "
+                "apart from a common start do not interpolate; merge a warm-started plan"
+            )
+        return ""
+
     def __init__(self, cfg: Any, dist: Any, options: MergeOptions) -> None:
         super().__init__(cfg, dist, options)
         self.ema: dict[str, torch.Tensor] = {}
