@@ -72,6 +72,17 @@ def test_cumulative_equal_and_replay_options() -> None:
     assert replay.steps[-1].pool == {"2014": 20, "2015": 20, "2016": 20, "2017": 80}
 
 
+def test_er_memory_shares_its_cap_in_proportion_to_what_was_seen() -> None:
+    """ER (plan.buffer_split=size): one memory of buffer_samples over every old year, each year's
+    share its fraction of the samples seen, as a reservoir sample of the stream keeps."""
+    sizes = {"2014": 100, "2015": 300, "2016": 50, "2017": 80}
+    plan = make_plan(_cfg("plan.strategy=replay", "plan.buffer_samples=90", "plan.buffer_split=size"), sizes)
+    assert plan.steps[1].pool == {"2014": 90, "2015": 300}  # 2014 had 100: 90 of them
+    assert plan.steps[2].pool == {"2014": 23, "2015": 67, "2016": 50}  # 22.5 : 67.5, the tie to the earlier year
+    assert plan.steps[3].pool == {"2014": 20, "2015": 60, "2016": 10, "2017": 80}
+    assert plan.steps[3].buffered == ["2014", "2015", "2016"]
+
+
 def test_restart_grows_budget_and_starts_from_scratch() -> None:
     plan = make_plan(_cfg("plan.strategy=restart", "train.samples=100"), SIZES)
     assert [s.samples for s in plan.steps] == [100, 200, 300, 400]

@@ -168,10 +168,15 @@ class PlanConfig:
     """Warmup steps of the first step (-1 = optim.warmup_steps)."""
     buffer_samples: int = 0
     """Replay buffer size for buffer-limited strategies (0 = the new year's size)."""
-    buffer_split: Literal["exp", "equal"] = "exp"
-    """How `replay` divides its buffer over old years."""
-    buffer_select: Literal["samples", "shards"] = "samples"
-    """What a buffer is made of: the samples of smallest hash (spread over the year) or whole shards."""
+    buffer_split: Literal["exp", "equal", "size"] = "exp"
+    """How `replay` divides its buffer over old years: halving from the newest, equally, or by year size (ER)."""
+    buffer_select: Literal["samples", "shards", "herding", "kmeans"] = "samples"
+    """What a buffer is made of: the samples of smallest hash (spread over the year), whole shards, or
+    exemplars the year-end model picks (herding: iCaRL's mean of features; kmeans: nearest to centroids)."""
+    memory_pool: int = 10000
+    """herding/kmeans: candidates of a year (smallest key hash) embedded to choose its exemplars from."""
+    memory_features: Literal["image", "text", "joint"] = "joint"
+    """herding/kmeans: the embedding exemplars are chosen by (joint = both towers' side by side)."""
     restart_budget: Literal["grow", "same"] = "grow"
     """restart: budget x steps so far (grow) or the step budget (same)."""
 
@@ -227,6 +232,8 @@ class Config:
             (d, "methods", []),
             (d["data"], "shuffle_shards", DataConfig().shuffle_shards),
             (d["plan"], "buffer_select", PlanConfig().buffer_select),
+            (d["plan"], "memory_pool", PlanConfig().memory_pool),
+            (d["plan"], "memory_features", PlanConfig().memory_features),
             (d["optim"], "year_lr_decay", OptimConfig().year_lr_decay),
         )
         for section, key, unset in later:
@@ -271,6 +278,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "data.prefetch_factor": d.prefetch_factor,
         "data.shuffle_shards": d.shuffle_shards,
         "plan.first_step_years": cfg.plan.first_step_years,
+        "plan.memory_pool": cfg.plan.memory_pool,
         "logging.every_steps": cfg.logging.every_steps,
         # Keep-last prunes after each save: it must keep the checkpoint it has just written.
         "checkpoint.keep_last": cfg.checkpoint.keep_last,

@@ -81,11 +81,15 @@ def group_years(years: list[str], first_step_years: int) -> list[list[str]]:
 
 
 def buffer_sizes(old: list[str], sizes: Mapping[str, int], capacity: int, split: str) -> dict[str, int]:
-    """TiC replay buffer over old years (oldest first in `old`): exp = D/2, D/4 ... newest first."""
+    """TiC replay buffer over old years (oldest first in `old`): exp = D/2, D/4 ... newest first;
+    equal = D / (old years) each; size = D in proportion to the years' sizes (a uniform sample of
+    everything seen, as reservoir sampling keeps: ER's shared memory)."""
     if not old:
         return {}
     if split == "equal":
         share = {y: capacity // len(old) for y in old}
+    elif split == "size":
+        share = apportion(capacity, {y: sizes[y] for y in old})
     else:
         share = {y: capacity >> (i + 1) for i, y in enumerate(reversed(old))}
     return {y: min(share[y], sizes[y]) for y in old}

@@ -23,6 +23,7 @@ from trainer.distributed import DistInfo, sum_counts
 from trainer.engine import build_engine
 from trainer.errors import UserError
 from trainer.eval.evaluator import Evaluator, log_record
+from trainer.exemplars import SELECTORS, memory_shards, select_memories
 from trainer.logging import MetricsLog, progress
 from trainer.loop import StepRecord, method_name, optimizer_steps
 from trainer.methods.base import Method, YearContext
@@ -116,8 +117,19 @@ class StepRun:
         if clash:
             raise ValueError(f"{type(p.objective).__name__}: view names {clash} are batch keys already")
         self.inputs = ("image", "text", *views)
+        memories = {}
+        if p.cfg.plan.buffer_select in SELECTORS:
+            memories = {y: memory_shards(p.shards[y], p.run.path, y, step.pool[y]) for y in step.buffered}
         self.data = step_data(
-            p.cfg, p.dist, step, p.shards, preprocess, tokenizer, start=self._cursors_after(step.index - 1), views=views
+            p.cfg,
+            p.dist,
+            step,
+            p.shards,
+            preprocess,
+            tokenizer,
+            start=self._cursors_after(step.index - 1),
+            views=views,
+            buffers=memories,
         )
         if self.resume_tag is not None:
             client = ckpt.load(self.engine, self.load_dir, self.resume_tag)
@@ -302,6 +314,8 @@ class StepRun:
         p, step, state = self.p, self.step, self.state
         for method in p.methods:
             method.year_end(self.ctx)
+        if p.cfg.plan.buffer_select in SELECTORS:
+            select_memories(p.cfg, p.dist, self.engine.module, p.plan, step.index, p.run.path)
         handed = [w for w in (m.handed_on(self.ctx) for m in p.methods) if w is not None]
         tag = year_tag(step.tag)
         self._save(tag, year_complete=True, handed_on=handed[-1] if handed else None)

@@ -114,3 +114,14 @@ class Pick:
         member = np.arange(int(self.sizes[index]), dtype=np.int64)
         shard = np.full(len(member), int(self.kept[index]))
         return np.flatnonzero(self.cut.keeps(shard, member, sample_hashes(self.keys[index], member)))
+
+
+@dataclass(frozen=True)
+class Listed:
+    """Members of each shard listed one by one (an exemplar memory, trainer/exemplars.py)."""
+
+    lists: list[np.ndarray]
+
+    def members(self, index: int) -> np.ndarray:
+        """The member indices (in file order) shard `index` contributes."""
+        return self.lists[index]

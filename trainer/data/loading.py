@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from torch.utils.data import DataLoader
 
@@ -96,8 +96,11 @@ def step_data(
     tokenizer: Callable[..., Any],
     start: Mapping[str, int] | None = None,
     views: Mapping[str, Transform] | None = None,
+    buffers: Mapping[str, YearShards] | None = None,
 ) -> StepData:
-    """The data of `step`, reading each year on from cursors `start` (load a saved state to resume instead)."""
+    """The data of `step`, reading each year on from cursors `start` (load a saved state to resume instead).
+
+    `buffers` gives the replay buffers of years whose buffer is not a hash sample (exemplar memories)."""
     workers = cfg.data.workers
     streams = stream_count(dist.world_size, workers)
     if step.samples % streams:
@@ -107,8 +110,11 @@ def step_data(
         )
     # Every stream draws whole samples, so a year's quota is exact when it is a multiple of S.
     quotas = apportion(step.samples, step.quotas, multiple=streams)
+    given = buffers or {}
     pools = {
-        y: shards[y].subset(step.pool[y], cfg.train.seed, y, cfg.plan.buffer_select)
+        y: given[y]
+        if y in given
+        else shards[y].subset(step.pool[y], cfg.train.seed, y, _by(cfg))
         if y in step.buffered
         else shards[y]
         for y in quotas
@@ -142,3 +148,10 @@ def step_data(
         views=views,
     )
     return StepData(build_loader(dataset, cfg.data.prefetch_factor), dataset, dist, workers)
+
+
+def _by(cfg: Config) -> Literal["samples", "shards"]:
+    """How a hash buffer is cut (exemplar memories come through `buffers`)."""
+    if cfg.plan.buffer_select not in ("samples", "shards"):
+        raise ValueError(f"plan.buffer_select={cfg.plan.buffer_select}: the step's memories were not given")
+    return cfg.plan.buffer_select

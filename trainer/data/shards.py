@@ -18,7 +18,7 @@ import fsspec
 import numpy as np
 from braceexpand import braceexpand
 
-from trainer.data.buffers import Pick, choose, shard_keys
+from trainer.data.buffers import Listed, Pick, choose, shard_keys
 from trainer.errors import UserError
 from trainer.layout import MAX_MEMBER_BYTES, SIZES, TRAIN
 
@@ -58,7 +58,7 @@ class YearShards(Sequence[Shard]):
 
     # Parallel arrays instead of Shard objects: TiC-DataComp has ~1.3M shards, and a million
     # frozen dataclasses cost seconds and hundreds of MB on every rank.
-    def __init__(self, prefix: str, names: list[str], sizes: np.ndarray, pick: Pick | None = None) -> None:
+    def __init__(self, prefix: str, names: list[str], sizes: np.ndarray, pick: Pick | Listed | None = None) -> None:
         self.prefix = prefix
         self.names = names
         self.sizes = np.asarray(sizes, dtype=np.int64)
