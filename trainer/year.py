@@ -145,6 +145,7 @@ class StepRun:
             p.objective,
             self._previous(),
             p.plan.steps[step.index - 1].tag if step.index else None,
+            [y for s in p.plan.steps[: step.index] for y in s.new_years],
         )
         for method in p.methods:
             method.year_start(self.ctx)

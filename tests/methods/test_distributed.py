@@ -2,10 +2,10 @@
 
 A real DeepSpeed engine per rank count takes two optimizer steps on 8 pairs with distillation (from
 a different previous model, replayed rows only, unevenly spread over the ranks), EWC (a Fisher
-file in the run folder) and CTP (momentum encoder, queue, topology) on top of CLIP; the loss terms
-of both steps (mean over ranks), CTP's momentum weights and queues, and every parameter's full
-gradient at the first optimizer step (before Adam, which would hide a wrong scale) must agree to
-1e-5 of the tensor's largest entry.
+file in the run folder), CTP (momentum encoder, queue, topology) and LUCIR's less-forget term on
+top of CLIP; the loss terms of both steps (mean over ranks), CTP's momentum weights and queues,
+and every parameter's full gradient at the first optimizer step (before Adam, which would hide a
+wrong scale) must agree to 1e-5 of the tensor's largest entry.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ METHODS = [
     MethodConfig(name="distill", options={"rows": "replay", "temperature": 2.0, "weight": 3.0}),
     MethodConfig(name="ewc", options={"weight": 50.0}),
     MethodConfig(name="ctp", options={"queue": 12}),
+    MethodConfig(name="lucir"),
 ]
 
 
@@ -98,7 +99,9 @@ def _one_step(rank: int, world: int, model_json: str, stage: int, run: str, out:
     objective = build_objective(cfg, dist)
     methods = build_methods(cfg, dist)
     previous = _previous(model_json)
-    ctx = YearContext(cfg, dist, RunDir(Path(run)), _step(), engine.module, objective, lambda: previous, "2014")
+    ctx = YearContext(
+        cfg, dist, RunDir(Path(run)), _step(), engine.module, objective, lambda: previous, "2014", ["2013", "2014"]
+    )
     for m in methods:
         m.year_start(ctx)
     grads: dict[str, torch.Tensor] = {}
@@ -144,7 +147,7 @@ def test_methods_two_ranks_equal_one(tmp_path: Path, tiny_model_json: Path, stag
     one = [torch.load(tmp_path / "w1-r0.pt")]
     two = [torch.load(tmp_path / f"w2-r{r}.pt") for r in range(2)]
     terms = _mean(one, "terms")
-    names = {"0:Distillation/kl", "1:Ewc/penalty", "2:Ctp/moco", "2:Ctp/topology"}
+    names = {"0:Distillation/kl", "1:Ewc/penalty", "2:Ctp/moco", "2:Ctp/topology", "3:Lucir/less_forget"}
     assert set(terms) == names | {f"{n}@2" for n in names}
     assert all(v > 1e-3 for v in terms.values())
     assert _mean(two, "terms") == pytest.approx(terms, rel=1e-5, abs=1e-6)

@@ -103,7 +103,7 @@ def test_ema_follows_training_steps_and_resumes(tmp_path: Path, tiny_model_json:
         ("[{name: merge, options: {alpha: -0.1}}]", r"methods\[0\]\.options\.alpha: must be in \[0, 1\]"),
         ("[{name: merge, options: {mode: soup}}]", r"methods\[0\]\.options\.mode"),
         ("[{name: ewc}, {name: distill}, {name: ewc}]", r"methods\[2\]\.name: ewc is methods\[0\] already"),
-        ("[{name: lwf}]", r"methods\[0\]\.name: 'lwf' is neither a built-in \(ctp, distill, ewc, merge\)"),
+        ("[{name: lwf}]", r"methods\[0\]\.name: 'lwf' is neither a built-in \(ctp, distill, ewc, lucir, merge\)"),
     ],
 )
 def test_method_settings_are_checked_by_key(methods: str, message: str) -> None:

@@ -12,6 +12,7 @@ BUILTIN: dict[str, str] = {
     "ctp": "trainer.methods.ctp:Ctp",
     "distill": "trainer.methods.distill:Distillation",
     "ewc": "trainer.methods.ewc:Ewc",
+    "lucir": "trainer.methods.lucir:Lucir",
     "merge": "trainer.methods.merge:Merge",
 }
 

@@ -9,7 +9,7 @@ checkpoint. The plan decides which data a step sees; a method decides what the m
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -37,6 +37,8 @@ class YearContext:
     """fp32 weights the previous plan step handed on (its checkpoint's); None in the first step."""
     previous_tag: str | None = None
     """The previous plan step's tag (its newest year); None in the first step."""
+    earlier: list[str] = field(default_factory=list)
+    """The years (tasks) the plan's earlier steps trained, in order."""
 
 
 class Method:
