@@ -15,7 +15,7 @@ from trainer.config import ConfigError, load_config
 from trainer.distributed import DistInfo
 from trainer.methods import build_methods
 from trainer.plan import apportion, buffer_sizes, make_plan
-from trainer.plan_report import method_candidates, method_flops, methods_table, plan_for, summary
+from trainer.plan_report import method_candidates, method_flops, methods_table, plan_for, selection_flops, summary
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"2014": 100, "2015": 100, "2016": 100, "2017": 80}
@@ -208,5 +208,32 @@ def test_methods_add_their_flops_step_by_step() -> None:
     assert row["total_flops"] == row["train_flops"] + method_flops(plan, [distill, ewc, ctp], f)
     table = methods_table(plan, f, method_candidates(cfg, dist), f)
     lines = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
-    assert set(lines) == {"none", "ctp", "distill", "ewc", "merge", "this"}
+    assert set(lines) == {
+        "none",
+        "ctp",
+        "distill",
+        "ewc",
+        "lucir",
+        "merge",
+        "herding",
+        "kmeans",
+        "icarl:",
+        "lucir:",
+        "this",
+    }
     assert lines["distill"][3] == f"{(120000 + 30000) / 120000:.2f}x" and lines["merge"][3] == "1.00x"
+
+
+def test_exemplar_selection_is_counted_once_per_remembered_year() -> None:
+    """herding/kmeans embed min(memory_pool, year) candidates of each year a later step replays from
+    a memory: one forward (a third of training) each."""
+    dist = DistInfo(0, 1, 0, torch.device("cpu"), "gloo")
+    cfg = _cfg("plan.strategy=cumulative-exp", "plan.buffer_select=herding", "plan.memory_pool=60")
+    plan = plan_for(cfg, SIZES, "cumulative-exp")
+    # 2014, 2015 and 2016 are each replayed from a partial buffer later; 2014 and 2015 have 100,
+    # so 60 candidates; 2016 too. 2017 is the last year: nothing to remember.
+    assert selection_flops(plan, cfg, 300.0) == 3 * 60 * 100
+    plain = load_config(None, ["data.root=/x", "train.global_batch=10", "train.micro_batch=10"])
+    assert selection_flops(plan, plain, 300.0) == 0
+    table = methods_table(plan, 300.0, method_candidates(cfg, dist), 300.0)
+    assert "herding memory" in table and "this run: herding" in table

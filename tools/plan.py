@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"plan: error: {e}", file=sys.stderr)
         return 2
-    rows = [summary(pl, per_sample, restart, methods, flops) for pl in plans.values()]
+    rows = [summary(pl, per_sample, restart, methods, flops, cfg) for pl in plans.values()]
     if args.json:
         print(json.dumps({"summary": rows, "plans": {s: pl.to_dict() for s, pl in plans.items()}}, indent=1))
         return 0
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     print(compare_table(rows))
     print()
     if candidates:
-        print(methods_table(plans[cfg.plan.strategy], per_sample, candidates, flops))
+        print(methods_table(plans[args.strategy or cfg.plan.strategy], per_sample, candidates, flops))
         print()
     print(assumptions(cfg, sizes, flops, assumed))
     return 0

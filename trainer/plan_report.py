@@ -8,6 +8,7 @@ from typing import Any, cast
 
 from trainer.config import Config, MethodConfig, Strategy, contrastive_warning
 from trainer.distributed import DistInfo
+from trainer.exemplars import SELECTORS, largest_buffers
 from trainer.methods import BUILTIN, build_methods
 from trainer.methods.base import Method
 from trainer.plan import Plan, make_plan
@@ -36,13 +37,31 @@ def method_flops(plan: Plan, methods: Sequence[Method], model_flops: float) -> f
     )
 
 
+def selection_flops(plan: Plan, cfg: Config, model_flops: float) -> float:
+    """The exemplar selection passes (plan.buffer_select herding/kmeans): one forward of every
+    candidate of each year a later step replays from a memory."""
+    if cfg.plan.buffer_select not in SELECTORS:
+        return 0.0
+    # A year's candidates: memory_pool of it (at least its largest memory), at most all of it.
+    return sum(
+        min(max(cfg.plan.memory_pool, m), plan.steps[i].pool[y]) * model_flops / 3
+        for i in range(len(plan.steps))
+        for y, m in largest_buffers(plan, i).items()
+    )
+
+
 def summary(
-    plan: Plan, flops_per_sample: float, restart: Plan, methods: Sequence[Method] = (), model_flops: float = 0.0
+    plan: Plan,
+    flops_per_sample: float,
+    restart: Plan,
+    methods: Sequence[Method] = (),
+    model_flops: float = 0.0,
+    cfg: Config | None = None,
 ) -> dict[str, Any]:
-    """Totals of a plan (the objective's FLOPs, the methods' on top) and its cost relative to
-    retraining from scratch at every step."""
+    """Totals of a plan (the objective's FLOPs; the methods' and exemplar selection's on top) and its
+    cost relative to retraining from scratch at every step."""
     train = plan.total_samples * flops_per_sample
-    extra = method_flops(plan, methods, model_flops)
+    extra = method_flops(plan, methods, model_flops) + (selection_flops(plan, cfg, model_flops) if cfg else 0.0)
     return {
         "strategy": plan.strategy,
         "samples": plan.total_samples,
@@ -54,31 +73,48 @@ def summary(
     }
 
 
-def method_candidates(cfg: Config, dist: DistInfo) -> dict[str, list[Method]]:
-    """Every built-in method alone at its defaults, and the run's own combination when it has one."""
-    out: dict[str, list[Method]] = {"none": []}
+Candidate = tuple[Config, list[Method]]
+
+
+def method_candidates(cfg: Config, dist: DistInfo) -> dict[str, Candidate]:
+    """Every built-in method alone at its defaults, exemplar memories (alone, iCaRL, LUCIR) and the
+    run's own combination when it has one."""
+
+    def variant(methods: list[str], select: str) -> Candidate:
+        c = replace(
+            cfg,
+            plan=replace(cfg.plan, buffer_select=cast(Any, select)),
+            methods=[MethodConfig(name=n) for n in methods],
+        )
+        return c, build_methods(c, dist)
+
+    out: dict[str, Candidate] = {"none": variant([], "samples")}
     for name in BUILTIN:
-        out[name] = build_methods(replace(cfg, methods=[MethodConfig(name=name)]), dist)
-    if cfg.methods:
-        out["this run: " + "+".join(m.name for m in cfg.methods)] = build_methods(cfg, dist)
+        if name != "merge" or cfg.plan.strategy != "restart":
+            out[name] = variant([name], "samples")
+    out["herding memory"] = variant([], "herding")
+    out["kmeans memory"] = variant([], "kmeans")
+    out["icarl: herding+distill"] = variant(["distill"], "herding")
+    out["lucir: herding+lucir"] = variant(["lucir"], "herding")
+    if cfg.methods or cfg.plan.buffer_select in SELECTORS:
+        name = "this run: " + "+".join([cfg.plan.buffer_select] + [m.name for m in cfg.methods])
+        out[name] = (cfg, build_methods(cfg, dist))
     return out
 
 
-def methods_table(
-    plan: Plan, flops_per_sample: float, candidates: Mapping[str, Sequence[Method]], model_flops: float
-) -> str:
+def methods_table(plan: Plan, flops_per_sample: float, candidates: Mapping[str, Candidate], model_flops: float) -> str:
     """Each method (or combination) on one plan: its extra FLOPs, its total against the plain plan,
     and the samples per step that would give it the plain plan's compute."""
     plain = plan.total_samples * flops_per_sample
     per_step = plan.total_samples / len(plan.steps)
     lines = [
-        f"{'methods (' + plan.strategy + ')':<28} {'extra FLOPs':>12} {'total FLOPs':>12} {'vs plain':>9} "
+        f"{'methods (' + plan.strategy + ')':<30} {'extra FLOPs':>12} {'total FLOPs':>12} {'vs plain':>9} "
         f"{'samples/step at equal compute':>30}"
     ]
-    for name, methods in candidates.items():
-        extra = method_flops(plan, methods, model_flops)
+    for name, (cfg, methods) in candidates.items():
+        extra = method_flops(plan, methods, model_flops) + selection_flops(plan, cfg, model_flops)
         lines.append(
-            f"{name:<28} {extra:>12.3e} {plain + extra:>12.3e} {(plain + extra) / plain:>8.2f}x "
+            f"{name:<30} {extra:>12.3e} {plain + extra:>12.3e} {(plain + extra) / plain:>8.2f}x "
             f"{_human(per_step * plain / (plain + extra)):>30}"
         )
     return "\n".join(lines)
@@ -128,6 +164,12 @@ def assumptions(cfg: Config, sizes: Mapping[str, int], flops: int, assumed_sizes
         "- warm-start cumulative over T steps with a fixed budget costs T budgets; restart costs "
         "T(T+1)/2, so the saving is (T+1)/2x",
     ]
+    if cfg.plan.buffer_select in SELECTORS:
+        notes.append(
+            f"- replay buffers are exemplar memories ({cfg.plan.buffer_select} over {cfg.plan.memory_features} "
+            f"embeddings of up to {_human(cfg.plan.memory_pool)} candidates per year, chosen at the year's end; "
+            "'buf' sizes above are the memory each step replays)"
+        )
     warning = contrastive_warning(cfg, None)
     if warning:
         notes.append(f"- warning: {warning}")
