@@ -3,7 +3,7 @@
 At each plan step's end the diagonal Fisher of the contrastive loss is estimated on `samples` of
 the step's new years: the mean over global batches of `batch` pairs of the squared gradient of
 the batch's loss (the CTP benchmark's estimate; its batches hold the same samples on any number
-of ranks, yearly.py, and every rank contributes its rows through the gathered loss, so the
+of ranks, yeardata.py, and every rank contributes its rows through the gathered loss, so the
 estimate does not depend on the world size). Fishers accumulate as F <- decay x F + F_new. The
 next steps add
 
