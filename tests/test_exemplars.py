@@ -12,13 +12,12 @@ import torch
 
 from tests.conftest import write_year
 from tests.dist_helpers import deepspeed_train, run_ranks
+from tests.run_helpers import demo_args
 from trainer.config import load_config
 from trainer.distributed import init_distributed
 from trainer.exemplars import herding, kmeans, largest_buffers, memory_file, select_memories
 from trainer.model import create_model
 from trainer.plan import make_plan
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_herding_keeps_the_running_mean_closest_to_the_mean() -> None:
@@ -90,13 +89,11 @@ def test_the_memory_does_not_depend_on_the_world_size(tmp_path: Path, tiny_model
 
 
 def _settings(root: Path, runs: Path, model: Path) -> list[str]:
-    return [
-        "--config",
-        str(REPO / "configs" / "demo.yaml"),
-        f"data.root={root}",
-        f"model.name={model}",
-        f"logging.run_dir={runs}",
-        "logging.name=memory",
+    return demo_args(
+        root,
+        runs,
+        model,
+        "memory",
         "train.global_batch=8",
         "train.micro_batch=4",
         "train.samples=96",
@@ -108,9 +105,8 @@ def _settings(root: Path, runs: Path, model: Path) -> list[str]:
         "checkpoint.every_steps=4",
         "checkpoint.keep_last=10",
         "logging.record_keys=true",
-        "logging.progress=false",
         "methods=[{name: distill}]",  # iCaRL: herding exemplars + distillation
-    ]
+    )
 
 
 @pytest.mark.slow

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 from tests.conftest import write_year
 from tests.dist_helpers import deepspeed_train
+from tests.run_helpers import demo_args
 from trainer.weights.consolidate import HANDED_ON, load_weights
 
-REPO = Path(__file__).resolve().parents[2]
 METHODS = (
     "methods=[{name: distill, options: {temperature: 2.0}}, {name: ewc, options: {samples: 32, batch: 8, weight: 100}},"
     " {name: ctp, options: {queue: 16}}, {name: merge, options: {mode: ema, ema_decay: 0.8}}]"
@@ -26,13 +26,11 @@ METHODS = (
 
 
 def _settings(root: Path, runs: Path, model: Path) -> list[str]:
-    return [
-        "--config",
-        str(REPO / "configs" / "demo.yaml"),
-        f"data.root={root}",
-        f"model.name={model}",
-        f"logging.run_dir={runs}",
-        "logging.name=methods",
+    return demo_args(
+        root,
+        runs,
+        model,
+        "methods",
         "train.global_batch=8",
         "train.micro_batch=4",
         "train.samples=40",
@@ -44,9 +42,8 @@ def _settings(root: Path, runs: Path, model: Path) -> list[str]:
         "checkpoint.every_steps=2",
         "checkpoint.keep_last=10",
         "logging.every_steps=1",
-        "logging.progress=false",
         METHODS,
-    ]
+    )
 
 
 def _train_lines(run: Path) -> dict[int, dict[str, Any]]:
