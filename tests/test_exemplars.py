@@ -109,7 +109,7 @@ def _settings(root: Path, runs: Path, model: Path) -> list[str]:
     )
 
 
-@pytest.mark.slow
+@pytest.mark.reliability  # two whole runs: make reliability, not make test
 @pytest.mark.timeout(600)
 def test_a_run_replays_its_exemplars_and_chooses_them_again_after_a_kill(tmp_path: Path, tiny_model_json: Path) -> None:
     root = tmp_path / "data"

@@ -91,7 +91,7 @@ def test_methods_train_from_the_command_line(methods_run) -> None:
         assert any(not torch.equal(handed[k], trained[k]) for k in handed)
 
 
-@pytest.mark.slow
+@pytest.mark.reliability  # a second whole run: make reliability, not make test
 @pytest.mark.timeout(600)
 def test_methods_resume_mid_year_exactly(methods_run, tmp_path: Path, tiny_model_json: Path) -> None:
     base, root = methods_run
