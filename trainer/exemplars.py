@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,7 @@ def select_memories(
     model.output_dict = True
     model.eval()
     for year, m in sorted(wanted.items()):
+        started = time.perf_counter()
         pool = max(cfg.plan.memory_pool, m)
         spec = PassSpec(cfg.data.root, [year], pool, EMBED_BATCH, cfg.train.seed)
         mine = [
@@ -152,9 +154,9 @@ def select_memories(
         )
         places = positions(sample_shards(spec)[0])
         chosen = [places[where[keep[i]]] for i in chosen_rows]
-        log.info(
-            "memory of %s: %d exemplars by %s from %d candidates", year, len(chosen), cfg.plan.buffer_select, len(keep)
-        )
+        seconds = time.perf_counter() - started
+        how = cfg.plan.buffer_select
+        log.info("memory of %s: %d by %s from %d candidates in %.1f s", year, len(chosen), how, len(keep), seconds)
         if dist.is_main:
             record = {
                 "year": year,
