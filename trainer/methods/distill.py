@@ -106,12 +106,11 @@ class Distillation(Method):
             return {}
         with torch.no_grad():
             teacher = self.teacher(image=batch["image"], text=batch["text"])
-        years = batch["year"]
+        device = outputs["image_features"].device
         if self.options.rows == "replay":
-            mask = [y not in self.new_years for y in years]
+            rows = torch.tensor([y not in self.new_years for y in batch["year"]], dtype=torch.float32, device=device)
         else:
-            mask = [True] * len(years)
-        rows = torch.tensor(mask, dtype=torch.float32, device=outputs["image_features"].device)
+            rows = torch.ones(outputs["image_features"].shape[0], device=device)
         kl = similarity_kl(
             outputs, teacher, self.options.temperature, rows, self.cfg.train.max_logit_scale, self.dist.world_size
         )
