@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from trainer.distributed import all_reduce_sum, gather_rows
 from trainer.methods.base import Method, YearContext
-from trainer.methods.models import frozen_copy, teacher_dtype
+from trainer.methods.models import previous_model
 from trainer.objectives.base import Outputs
 from trainer.plugins import check_range
 
@@ -91,12 +91,11 @@ class Distillation(Method):
 
     def year_start(self, ctx: YearContext) -> None:
         self.new_years = set(ctx.step.new_years)
-        self.teacher = None
-        if ctx.previous is None:
-            return  # the first step has nothing to distil from
-        dtype = teacher_dtype(self.dist.device, self.options.precision)
-        self.teacher = frozen_copy(self.cfg.model, ctx.previous(), self.dist.device, dtype)
-        log.info("distillation: teacher = the previous step's weights (%s)", str(dtype).replace("torch.", ""))
+        # The first step has nothing to distil from.
+        self.teacher = previous_model(self.cfg.model, ctx, self.dist.device, self.options.precision)
+        if self.teacher is not None:
+            dtype = str(next(self.teacher.parameters()).dtype).replace("torch.", "")
+            log.info("distillation: teacher = the previous step's weights (%s)", dtype)
 
     def year_end(self, ctx: YearContext) -> None:
         self.teacher = None

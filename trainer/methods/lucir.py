@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.methods.base import Method, YearContext
-from trainer.methods.models import frozen_copy, teacher_dtype
+from trainer.methods.models import previous_model
 from trainer.objectives.base import Outputs
 from trainer.plugins import check_range
 
@@ -54,13 +54,10 @@ class Lucir(Method):
         self.scale = 0.0
 
     def year_start(self, ctx: YearContext) -> None:
-        self.old = None
-        if ctx.previous is None:
-            return
+        self.old = previous_model(self.cfg.model, ctx, self.dist.device, self.options.precision)
         self.scale = self.options.weight * math.sqrt(len(ctx.earlier) / len(ctx.step.new_years))
-        dtype = teacher_dtype(self.dist.device, self.options.precision)
-        self.old = frozen_copy(self.cfg.model, ctx.previous(), self.dist.device, dtype)
-        log.info("lucir: less-forget weight %.3g", self.scale)
+        if self.old is not None:
+            log.info("lucir: less-forget weight %.3g", self.scale)
 
     def year_end(self, ctx: YearContext) -> None:
         self.old = None

@@ -35,6 +35,13 @@ def frozen_copy(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], device: t
     return model
 
 
+def previous_model(cfg: ModelConfig, ctx: Any, device: torch.device, precision: str) -> Any:
+    """A frozen copy of the weights the previous plan step handed on, or None in the first step."""
+    if ctx.previous is None:
+        return None
+    return frozen_copy(cfg, ctx.previous(), device, teacher_dtype(device, precision))
+
+
 def is_partitioned(module: nn.Module) -> bool:
     """True when `module`'s parameters are ZeRO-3 partitions outside forward."""
     return any(hasattr(p, "ds_id") for p in module.parameters())
