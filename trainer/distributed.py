@@ -104,7 +104,7 @@ def all_gather_object(obj: T) -> list[T]:
     return parts
 
 
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Every rank's rows of `x` concatenated in rank order, differentiable: the backward sums each
     rank's gradient of its rows, so a loss every rank computes over all rows gives world x the
     gradient, which DeepSpeed's averaging over ranks divides back."""

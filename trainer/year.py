@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -149,6 +150,8 @@ class StepRun:
         )
         for method in p.methods:
             method.year_start(self.ctx)
+        if self.ctx.previous is not None:
+            self._previous_weights.cache_clear()
 
     def _model(self) -> tuple[torch.nn.Module, Any, Any]:
         """The step's model (scratch, the previous year's or given weights), transform and tokenizer."""
@@ -166,7 +169,10 @@ class StepRun:
         if self.step.index == 0:
             return None
         tag = self._year_tag(self.step.index - 1)
-        return lambda: load_weights(self.p.run.checkpoints, tag)
+        # Read once however many methods ask at year start (a teacher, an anchor, a momentum start);
+        # _build clears it after, so the copy is not held through the year.
+        self._previous_weights = functools.cache(lambda: load_weights(self.p.run.checkpoints, tag))
+        return self._previous_weights
 
     def _year_tag(self, index: int) -> str:
         return year_tag(self.p.plan.steps[index].tag)

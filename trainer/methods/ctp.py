@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from trainer.distributed import gather_rows
+from trainer.distributed import gather_with_grad
 from trainer.methods.base import Method, YearContext
 from trainer.methods.distill import kl_rows
 from trainer.methods.models import frozen_copy, full_weights, teacher_dtype
@@ -78,8 +78,8 @@ def topology_kl(student: Outputs, old: Outputs, temperature: float, rank: int) -
     """L_TP over this rank's rows against every rank's columns (the mean over ranks is the batch's)."""
     s = {m: student[f"{m}_features"].float() for m in ("image", "text")}
     o = {m: old[f"{m}_features"].float() for m in ("image", "text")}
-    all_s = {m: gather_rows(v) for m, v in s.items()}
-    all_o = {m: gather_rows(v) for m, v in o.items()}
+    all_s = {m: gather_with_grad(v) for m, v in s.items()}
+    all_o = {m: gather_with_grad(v) for m, v in o.items()}
     rows = s["image"].shape[0]
     own = torch.arange(rows, device=s["image"].device) + rank * rows
     terms = {}
@@ -136,7 +136,7 @@ class Ctp(Method):
         o, rank = self.options, self.dist.rank
         with torch.no_grad():
             mom = self.momentum.model(image=batch["image"], text=batch["text"])
-            keys = {m: gather_rows(mom[f"{m}_features"].float()) for m in ("image", "text")}
+            keys = {m: gather_with_grad(mom[f"{m}_features"].float()) for m in ("image", "text")}
         if torch.is_grad_enabled():
             self.pending.append(keys)
         z = {m: outputs[f"{m}_features"].float() for m in ("image", "text")}

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from trainer.distributed import all_reduce_sum, gather_rows
+from trainer.distributed import all_reduce_sum, gather_with_grad
 from trainer.methods.base import Method, YearContext
 from trainer.methods.models import previous_model
 from trainer.objectives.base import Outputs
@@ -68,8 +68,8 @@ def similarity_kl(
     t_img, t_txt = teacher["image_features"].float(), teacher["text_features"].float()
     s_scale = student["logit_scale"].float().reshape(()).clamp(max=max_scale)
     t_scale = teacher["logit_scale"].float().reshape(())
-    all_s_img, all_s_txt = gather_rows(s_img), gather_rows(s_txt)
-    all_t_img, all_t_txt = gather_rows(t_img), gather_rows(t_txt)
+    all_s_img, all_s_txt = gather_with_grad(s_img), gather_with_grad(s_txt)
+    all_t_img, all_t_txt = gather_with_grad(t_img), gather_with_grad(t_txt)
     i2t = kl_rows(t_scale * t_img @ all_t_txt.T, s_scale * s_img @ all_s_txt.T, temperature)
     t2i = kl_rows(t_scale * t_txt @ all_t_img.T, s_scale * s_txt @ all_s_img.T, temperature)
     counted = all_reduce_sum([float(rows.sum())])[0]

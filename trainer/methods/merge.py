@@ -15,7 +15,6 @@ parameters, so set ema_every above 1 there to amortise it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Any, Literal
 import torch
 
 from trainer.methods.base import Method, YearContext
-from trainer.methods.models import full_weights, is_partitioned
+from trainer.methods.models import full_weights, whole_params
 from trainer.plugins import check_range
 
 log = logging.getLogger("tic")
@@ -71,20 +70,8 @@ class Merge(Method):
     def year_start(self, ctx: YearContext) -> None:
         if self.options.mode != "ema" or self.ema_step == ctx.step.index:
             return  # interpolation keeps nothing; a resumed step has its EMA from the checkpoint
-        self.ema = {n: p.float().clone() for n, p in self._params(ctx).items()}
+        self.ema = {n: p.float().clone() for n, p in whole_params(ctx.model).items()}
         self.ema_step, self.updates, self.steps = ctx.step.index, 0, 0
-
-    def _params(self, ctx: YearContext) -> dict[str, torch.Tensor]:
-        """The trained parameters, whole (gathered under ZeRO-3: a collective)."""
-        module = ctx.model
-        params = dict(module.named_parameters())
-        gather: Any = contextlib.nullcontext()
-        if is_partitioned(module):
-            import deepspeed
-
-            gather = deepspeed.zero.GatheredParameters(list(params.values()))
-        with gather, torch.no_grad():
-            return {n: p.detach().float().clone() for n, p in params.items()}
 
     def after_step(self, ctx: YearContext) -> None:
         if self.options.mode != "ema":
@@ -94,20 +81,17 @@ class Merge(Method):
             return
         d = self.options.ema_decay
         with torch.no_grad():
-            for n, p in self._params(ctx).items():
+            for n, p in whole_params(ctx.model).items():
                 self.ema[n].mul_(d).add_(p.to(self.ema[n].device), alpha=1 - d)
         self.updates += 1
 
     def handed_on(self, ctx: YearContext) -> dict[str, torch.Tensor] | None:
-        trained = full_weights(ctx.model)  # a collective under ZeRO-3
         if self.options.mode == "ema":
-            out = dict(trained)
-            for n, v in self.ema.items():
-                out[n] = v.detach().cpu().reshape(trained[n].shape).clone()
             log.info("merge: handing on the EMA of %d updates (decay %g)", self.updates, self.options.ema_decay)
-            return out
+            return full_weights(ctx.model, self.ema)
         if ctx.previous is None:
             return None
+        trained = full_weights(ctx.model)  # a collective under ZeRO-3
         a = self.options.alpha
         previous = ctx.previous()
         log.info("merge: handing on %g x trained + %g x the previous step's weights", a, 1 - a)

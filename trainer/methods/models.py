@@ -48,24 +48,30 @@ def is_partitioned(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def full_weights(module: nn.Module) -> dict[str, torch.Tensor]:
-    """`module`'s state dict as fp32 CPU tensors, gathering ZeRO-3 partitions one parameter at a time.
-
-    A collective under ZeRO-3: every rank must call it.
-    """
+def whole_params(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s parameters whole, as fp32 copies on their device; ZeRO-3 partitions are gathered
+    one parameter at a time (a collective there: every rank must call it)."""
     if not is_partitioned(module):
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+        return {n: p.detach().float().clone() for n, p in module.named_parameters()}
     import deepspeed
 
-    params: dict[str, torch.Tensor] = {}
+    out = {}
     for name, p in module.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):
-            params[name] = p.detach().float().cpu().clone()
-    # Buffers are never partitioned; state_dict's keys and the 0-dim logit_scale come from the module.
+            out[name] = p.detach().float().clone()
+    return out
+
+
+@torch.no_grad()
+def full_weights(module: nn.Module, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """`module`'s state dict as fp32 CPU tensors in open_clip's shapes, its parameters taken from
+    `params` (whole, by name) or else gathered by `whole_params` (a collective under ZeRO-3)."""
+    params = whole_params(module) if params is None else params
     out = {}
+    # Buffers are never partitioned; state_dict's keys come from the module.
     for key, value in module.state_dict().items():
-        full = params.get(key, value)
-        out[key] = full.detach().float().cpu().clone() if full.is_floating_point() else full.detach().cpu().clone()
+        v = params.get(key, value).detach().cpu().clone()
+        out[key] = v.float() if v.is_floating_point() else v
     if "logit_scale" in out:
-        out["logit_scale"] = out["logit_scale"].reshape(())
+        out["logit_scale"] = out["logit_scale"].reshape(())  # open_clip's 0-dim shape
     return out
